@@ -1,0 +1,119 @@
+"""The only place that reads arguments: one subcommand per MLproject entry point.
+
+Every option defaults to None, meaning "not given": the config layers (dataclass defaults,
+experiments/*.yaml, a `config` file) decide the value. MLproject passes "" for parameters the user
+did not set, which counts as not given too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pipeline.config import (
+    EvaluateConfig,
+    PreprocessConfig,
+    PromoteConfig,
+    TrainConfig,
+    TuneConfig,
+    build_config,
+    resolve_train_config,
+)
+from pipeline.errors import PipelineError
+
+CONFIGS: dict[str, type] = {
+    "preprocess": PreprocessConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "tune": TuneConfig,
+    "promote": PromoteConfig,
+}
+MAIN_OPTIONS = (*(f.name for f in dataclasses.fields(TrainConfig)), "force_rerun")
+
+
+def given(value: str) -> str | None:
+    return value if value != "" else None
+
+
+def add_options(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    for name in names:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=given)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cifar10", description=__doc__)
+    stages = parser.add_subparsers(dest="stage", required=True)
+    for stage, config_class in CONFIGS.items():
+        add_options(stages.add_parser(stage), [f.name for f in dataclasses.fields(config_class)])
+    serve = stages.add_parser("serve", help="mlflow models serve, with the project's defaults")
+    serve.add_argument("--model-uri", default="models:/cifar10-resnet@champion")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", default="5001")
+    serve.add_argument("--workers", default="1")
+    add_options(
+        stages.add_parser("main", help="preprocess -> train -> evaluate -> promote"), MAIN_OPTIONS
+    )
+    return parser
+
+
+def given_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k != "stage" and v is not None}
+
+
+def serve_command(args: argparse.Namespace) -> list[str]:
+    return [
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        args.model_uri,
+        "--env-manager",
+        "local",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--workers",
+        str(args.workers),
+    ]
+
+
+STAGES: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
+    "preprocess": (
+        lambda o: build_config(PreprocessConfig, o),
+        "pipeline.preprocess:run_preprocess",
+    ),
+    "train": (resolve_train_config, "pipeline.train:run_train"),
+    "evaluate": (lambda o: build_config(EvaluateConfig, o), "pipeline.evaluate:run_evaluate"),
+    "tune": (lambda o: build_config(TuneConfig, o), "pipeline.tune:run_tune"),
+    "promote": (lambda o: build_config(PromoteConfig, o), "registry.promote:run_promote"),
+    "main": (dict, "pipeline.workflow:run_main"),
+}
+
+
+def dispatch(args: argparse.Namespace) -> None:
+    """Build the stage's config, then import the stage (lazily, so --help and bad input answer fast)."""
+    if args.stage == "serve":
+        sys.exit(subprocess.call(serve_command(args)))
+    make_config, target = STAGES[args.stage]
+    config = make_config(given_options(args))
+    module, function = target.split(":")
+    getattr(importlib.import_module(module), function)(config)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        dispatch(args)
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

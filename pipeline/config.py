@@ -1,0 +1,231 @@
+"""Config dataclasses for every entry point, parsed once at the edge.
+
+Precedence, lowest first: dataclass defaults < `experiments/<model>.yaml` < the file given as `config`
+< explicit CLI / MLproject parameters. Values arrive as strings from MLproject, so they are coerced to
+the field's declared type here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+
+
+class ConfigError(PipelineError):
+    """A config value or file a user can fix; the message says how."""
+
+
+@dataclass
+class PreprocessConfig:
+    data_dir: str = "data"
+    val_fraction: float = 0.1
+    seed: int = 0
+    download: bool = True
+    experiment_name: str | None = None
+
+    def __post_init__(self) -> None:
+        check_fraction("val_fraction", self.val_fraction)
+
+
+@dataclass
+class TrainConfig:
+    model: str = "cnn"
+    data_dir: str = "data"
+    val_fraction: float = 0.1
+    seed: int = 0
+    max_train_images: int = 0
+    download: bool = True
+    epochs: int = 20
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    warmup_fraction: float = 0.2
+    label_smoothing: float = 0.1
+    crop_padding: int = 4
+    flip: bool = True
+    cutout: int = 0
+    patience: int = 0
+    width: int = 32
+    hidden_units: int = 256
+    dropout: float = 0.2
+    batch_norm: bool = True
+    convs_per_block: int = 1
+    pretrained: bool = False
+    weights_path: str | None = None
+    freeze_epochs: int = 0
+    finetune_lr_factor: float = 0.1
+    compile: bool = False
+    resume_run_id: str | None = None
+    experiment_name: str | None = None
+    config: str | None = None
+
+    def __post_init__(self) -> None:
+        check_fraction("val_fraction", self.val_fraction)
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}.")
+        if self.max_train_images < 0:
+            raise ConfigError("max_train_images must be 0 (all images) or a positive count.")
+        choices = {"optimizer": ("adamw", "sgd"), "schedule": ("onecycle", "cosine", "constant")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+
+
+@dataclass
+class EvaluateConfig:
+    model_uri: str = ""
+    data_dir: str = "data"
+    batch_size: int = 500
+    tta: bool = False
+    gradcam_per_class: int = 2
+    download: bool = True
+    experiment_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.model_uri:
+            raise ConfigError(
+                "model_uri is required, e.g. runs:/<run_id>/model or models:/cifar10-resnet@champion."
+            )
+
+
+@dataclass
+class TuneConfig:
+    model: str = "cnn"
+    n_trials: int = 20
+    epochs: int = 10
+    max_train_images: int = 0
+    data_dir: str = "data"
+    val_fraction: float = 0.1
+    storage: str | None = None
+    study_name: str | None = None
+    seed: int = 0
+    n_jobs: int = 1
+    pruner: str = "median"
+    search_space: str | None = None
+    timeout_seconds: float | None = None
+    experiment_name: str | None = None
+
+    def __post_init__(self) -> None:
+        check_fraction("val_fraction", self.val_fraction)
+        if self.pruner not in ("median", "hyperband", "none"):
+            raise ConfigError(f"pruner must be median, hyperband or none, got {self.pruner!r}.")
+        if self.n_trials < 1 or self.epochs < 1 or self.n_jobs < 1:
+            raise ConfigError("n_trials, epochs and n_jobs must each be at least 1.")
+
+
+@dataclass
+class PromoteConfig:
+    model_name: str = "cifar10-resnet"
+    metric: str = "best_val_accuracy"
+    candidate_experiment: str | None = None
+    architectures: list[str] = field(default_factory=lambda: ["resnet18", "resnet18_pretrained"])
+    min_delta: float = 0.0
+    alpha: float = 0.05
+    force: bool = False
+    rollback: bool = False
+    batch_size: int = 500
+    experiment_name: str | None = None
+
+
+def check_fraction(name: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise ConfigError(f"{name} must be between 0 and 1 (exclusive), got {value}.")
+
+
+C = TypeVar("C")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist; pass an existing YAML file.")
+    with path.open() as f:
+        content = yaml.safe_load(f) or {}
+    if not isinstance(content, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping of parameter names to values.")
+    return content
+
+
+def coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Turn a YAML or command-line value into the field's declared type."""
+    if value is None:
+        return None
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if isinstance(value, str) and value.lower() in ("", "none", "null"):
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {value!r}.")
+    if typing.get_origin(annotation) is list:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return [str(item).strip() for item in items if str(item).strip()]
+    try:
+        if annotation is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return annotation(float(value)) if annotation is int else annotation(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a {annotation.__name__}, got {value!r}.") from None
+
+
+def build_config(cls: type[C], *layers: Mapping[str, Any]) -> C:
+    """Merge layers (later wins) onto the defaults of `cls`, coercing and validating each value."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in known:
+                raise ConfigError(
+                    f"Unknown parameter {key!r} for {cls.__name__}; valid names: {sorted(known)}."
+                )
+            values[key] = coerce(value, hints[key], key)
+    return cls(**values)
+
+
+def model_defaults_path(model: str) -> Path:
+    return EXPERIMENTS_DIR / f"{model}.yaml"
+
+
+def resolve_train_config(overrides: Mapping[str, Any]) -> TrainConfig:
+    """Defaults < experiments/<model>.yaml < `config` file < explicit overrides."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    config_file = read_yaml(overrides["config"]) if overrides.get("config") else {}
+    model = overrides.get("model") or config_file.get("model") or TrainConfig.model
+    defaults_path = model_defaults_path(model)
+    model_defaults = read_yaml(defaults_path) if defaults_path.is_file() else {}
+    return build_config(TrainConfig, model_defaults, config_file, {**overrides, "model": model})
+
+
+def config_to_params(config: Any) -> dict[str, Any]:
+    """The resolved config as flat MLflow params (None shown as an empty string)."""
+    return {k: ("" if v is None else v) for k, v in dataclasses.asdict(config).items()}
+
+
+def dump_yaml(values: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(dict(values), sort_keys=False)

@@ -1,0 +1,273 @@
+"""The `evaluate` stage: the official test set through the logged pyfunc, every number and plot logged.
+
+Predictions come from the pyfunc's own `predict` on PNG-encoded images, the exact path a served
+request takes, so the reported accuracy is what users get.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+from mlflow.entities import Metric
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    log_loss,
+    precision_recall_fscore_support,
+    top_k_accuracy_score,
+)
+
+from pipeline.config import EvaluateConfig, config_to_params
+from pipeline.data import ImageSet, load_test_set
+from pipeline.loader import normalize
+from pipeline.models import gradcam_target_layer
+from pipeline.tracking import log_figure, log_resolved_params, stage_run
+from registry.serving_model import MAX_IMAGES_PER_REQUEST, encode_png
+
+ECE_BINS = 15
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS):
+    """Weighted mean gap between confidence and accuracy over equal-width confidence bins."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(ece)
+
+
+def classification_metrics(
+    labels: np.ndarray, probabilities: np.ndarray, class_names: tuple[str, ...]
+) -> dict[str, float]:
+    """The `test_*` metrics: scikit-learn's standard scores plus ECE and per-class P/R/F1."""
+    predicted = probabilities.argmax(axis=1)
+    classes = np.arange(len(class_names))
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, predicted, labels=classes, average="macro", zero_division=0
+    )
+    metrics = {
+        "test_accuracy": accuracy_score(labels, predicted),
+        "test_precision_macro": precision,
+        "test_recall_macro": recall,
+        "test_f1_macro": f1,
+        "test_top2_accuracy": top_k_accuracy_score(labels, probabilities, k=2, labels=classes),
+        "test_log_loss": log_loss(labels, probabilities, labels=classes),
+        "test_ece": expected_calibration_error(probabilities, labels),
+    }
+    per_class = precision_recall_fscore_support(
+        labels, predicted, labels=classes, average=None, zero_division=0
+    )
+    for name, p, r, f in zip(class_names, *per_class[:3], strict=True):
+        metrics |= {f"test_precision_{name}": p, f"test_recall_{name}": r, f"test_f1_{name}": f}
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def metrics_table(metrics: dict[str, float], class_names: tuple[str, ...]) -> pd.DataFrame:
+    """Per-class precision/recall/F1 and the macro row, as the seed report printed them."""
+    rows = [
+        {
+            "class": name,
+            "precision": metrics[f"test_precision_{name}"],
+            "recall": metrics[f"test_recall_{name}"],
+            "f1": metrics[f"test_f1_{name}"],
+        }
+        for name in class_names
+    ]
+    rows.append(
+        {
+            "class": "macro avg",
+            "precision": metrics["test_precision_macro"],
+            "recall": metrics["test_recall_macro"],
+            "f1": metrics["test_f1_macro"],
+        }
+    )
+    return pd.DataFrame(rows)
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    header = "| " + " | ".join(frame.columns) + " |"
+    rule = "|" + "---|" * len(frame.columns)
+    body = [
+        "| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row) + " |"
+        for row in frame.itertuples(index=False)
+    ]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def plot_confusion(matrix: np.ndarray, class_names: tuple[str, ...], normalized: bool):
+    figure, axis = plt.subplots(figsize=(9, 7.5))
+    sns.heatmap(
+        matrix,
+        annot=True,
+        fmt=".2f" if normalized else "d",
+        cmap="Blues",
+        xticklabels=class_names,
+        yticklabels=class_names,
+        ax=axis,
+    )
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title("Confusion matrix" + (" (row-normalized)" if normalized else " (counts)"))
+    figure.tight_layout()
+    return figure
+
+
+def plot_reliability(probabilities: np.ndarray, labels: np.ndarray, ece: float):
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    edges = np.linspace(0, 1, ECE_BINS + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, ECE_BINS - 1)
+    accuracy = [correct[which == b].mean() if (which == b).any() else 0 for b in range(ECE_BINS)]
+    figure, axis = plt.subplots(figsize=(5, 5))
+    axis.bar(
+        edges[:-1], accuracy, width=1 / ECE_BINS, align="edge", edgecolor="black", label="accuracy"
+    )
+    axis.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    axis.set_xlabel("confidence")
+    axis.set_ylabel("accuracy")
+    axis.set_title(f"Reliability diagram (ECE {ece:.3f}, {ECE_BINS} bins)")
+    axis.legend(loc="upper left")
+    figure.tight_layout()
+    return figure
+
+
+def plot_confident_mistakes(test: ImageSet, probabilities: np.ndarray, count: int = 24):
+    predicted = probabilities.argmax(axis=1)
+    confidence = probabilities.max(axis=1)
+    wrong = np.flatnonzero(predicted != test.labels)
+    chosen = wrong[np.argsort(-confidence[wrong])][:count]
+    cols = 6
+    rows = max(1, -(-len(chosen) // cols))
+    figure, axes = plt.subplots(rows, cols, figsize=(cols * 1.8, rows * 2.1), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    names = test.class_names
+    for axis, i in zip(axes.ravel(), chosen, strict=False):
+        axis.imshow(test.images[i])
+        axis.set_title(
+            f"{names[predicted[i]]} {confidence[i]:.2f}\ntrue: {names[test.labels[i]]}", fontsize=7
+        )
+    figure.suptitle("Most confident mistakes (predicted, confidence / true)")
+    figure.tight_layout()
+    return figure
+
+
+def plot_gradcam(classifier, test: ImageSet, predicted: np.ndarray, per_class: int):
+    """Grad-CAM overlays of the predicted class, `per_class` test images of each true class."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = classifier.model.eval()
+    mean, std = classifier.meta["mean"], classifier.meta["std"]
+    names = test.class_names
+    chosen = [np.flatnonzero(test.labels == c)[:per_class] for c in range(len(names))]
+    index = np.concatenate(chosen)
+    batch = normalize(torch.from_numpy(test.images[index]).permute(0, 3, 1, 2), mean, std)
+    targets = [ClassifierOutputTarget(int(predicted[i])) for i in index]
+    with GradCAM(model=model, target_layers=[gradcam_target_layer(model)]) as cam:
+        heatmaps = cam(input_tensor=batch, targets=targets)
+    figure, axes = plt.subplots(
+        len(names), 2 * per_class, figsize=(4 * per_class, len(names) * 1.6), squeeze=False
+    )
+    cells = [(row, col) for row, members in enumerate(chosen) for col in range(len(members))]
+    for k, (i, (row, col)) in enumerate(zip(index, cells, strict=True)):
+        rgb = test.images[i].astype(np.float32) / 255
+        axes[row, 2 * col].imshow(test.images[i])
+        axes[row, 2 * col + 1].imshow(show_cam_on_image(rgb, heatmaps[k], use_rgb=True))
+        axes[row, 2 * col].set_title(f"true {names[test.labels[i]]}", fontsize=7)
+        axes[row, 2 * col + 1].set_title(f"CAM for {names[predicted[i]]}", fontsize=7)
+    for axis in axes.ravel():
+        axis.axis("off")
+    figure.tight_layout()
+    return figure
+
+
+def predict_in_chunks(
+    model: mlflow.pyfunc.PyFuncModel, encoded: list[bytes], batch_size: int, tta: bool
+) -> np.ndarray:
+    frames = [
+        model.predict(pd.DataFrame({"image": encoded[i : i + batch_size]}), params={"tta": tta})
+        for i in range(0, len(encoded), batch_size)
+    ]
+    return np.array([p for frame in frames for p in frame["probabilities"]], dtype=np.float64)
+
+
+@dataclass
+class EvaluateResult:
+    run_id: str
+    metrics: dict[str, float]
+    source_run_id: str | None
+
+
+def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
+    """The `evaluate` entry point; test metrics are also written back to the source training run."""
+    batch_size = min(config.batch_size, MAX_IMAGES_PER_REQUEST)
+    test = load_test_set(config.data_dir, config.download)
+    model = mlflow.pyfunc.load_model(config.model_uri)
+    source_run_id = model.metadata.run_id
+    with stage_run(config.experiment_name, "evaluate-tta" if config.tta else "evaluate") as run:
+        log_resolved_params(config_to_params(config))
+        mlflow.set_tags(
+            {"model_uri": config.model_uri, "source_run_id": source_run_id or "", "tta": config.tta}
+        )
+        encoded = [encode_png(image) for image in test.images]
+        probabilities = predict_in_chunks(model, encoded, batch_size, config.tta)
+        predicted = probabilities.argmax(axis=1)
+        names = test.class_names
+        metrics = classification_metrics(test.labels, probabilities, names)
+        mlflow.log_metrics(metrics | {"test_images": len(test)})
+        table = metrics_table(metrics, names)
+        mlflow.log_text(to_markdown(table), "metrics_table.md")
+        mlflow.log_table(table, "metrics_table.json")
+        mlflow.log_text(table.to_csv(index=False), "metrics_table.csv")
+        counts = confusion_matrix(test.labels, predicted, labels=np.arange(len(names)))
+        normalized = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        for matrix, tag in ((counts, "counts"), (normalized, "normalized")):
+            frame = pd.DataFrame(matrix, index=names, columns=names)
+            mlflow.log_text(frame.to_csv(), f"confusion_matrix_{tag}.csv")
+            log_figure(
+                plot_confusion(matrix, names, tag == "normalized"), f"confusion_matrix_{tag}.png"
+            )
+        log_figure(
+            plot_reliability(probabilities, test.labels, metrics["test_ece"]),
+            "reliability_diagram.png",
+        )
+        log_figure(plot_confident_mistakes(test, probabilities), "confident_mistakes.png")
+        if config.gradcam_per_class > 0:
+            classifier = model.unwrap_python_model()
+            log_figure(
+                plot_gradcam(classifier, test, predicted, config.gradcam_per_class), "gradcam.png"
+            )
+        predictions = pd.DataFrame(
+            {
+                "index": np.arange(len(test)),
+                "true_label": test.labels,
+                "predicted_label": predicted,
+                "confidence": probabilities.max(axis=1),
+            }
+        )
+        mlflow.log_text(predictions.to_csv(index=False), "predictions.csv")
+    if source_run_id:
+        suffix = "_tta" if config.tta else ""
+        mlflow.tracking.MlflowClient().log_batch(
+            source_run_id,
+            metrics=[
+                Metric(f"{k}{suffix}", v, int(run.info.start_time), 0) for k, v in metrics.items()
+            ],
+        )
+    return EvaluateResult(run.info.run_id, metrics, source_run_id)

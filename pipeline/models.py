@@ -1,0 +1,212 @@
+"""The model registry: one name -> one constructor, plus what training and Grad-CAM need to know.
+
+Served models import this module to rebuild the network from its logged options, so it stays free of
+MLflow and data code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision import models as tv_models
+
+from pipeline.errors import PipelineError
+
+
+class WeightsUnavailableError(PipelineError):
+    """Pretrained weights were asked for and cannot be had; the message says how to provide them."""
+
+
+class UnknownModelError(PipelineError, ValueError):
+    """A model name that is not in the registry."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    build: Callable[..., nn.Module]
+    options: tuple[str, ...] = ()
+    weights: Any = None
+    frozen_part: str | None = None
+    unfreeze_after_freeze_epochs: bool = False
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register(
+    name: str, **spec: Any
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    def add(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        MODELS[name] = ModelSpec(build=build, **spec)
+        return build
+
+    return add
+
+
+def conv_block(in_ch: int, out_ch: int, batch_norm: bool, convs: int) -> nn.Sequential:
+    """`convs` 3x3 convolutions (each with optional batch norm and ReLU), then a 2x2 max-pool."""
+    layers: list[nn.Module] = []
+    for i in range(convs):
+        layers.append(
+            nn.Conv2d(in_ch if i == 0 else out_ch, out_ch, 3, padding=1, bias=not batch_norm)
+        )
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(out_ch))
+        layers.append(nn.ReLU(inplace=True))
+    layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+@register("cnn", options=("width", "hidden_units", "dropout", "batch_norm", "convs_per_block"))
+def small_cnn(
+    num_classes: int = 10,
+    width: int = 32,
+    hidden_units: int = 256,
+    dropout: float = 0.2,
+    batch_norm: bool = True,
+    convs_per_block: int = 1,
+) -> nn.Module:
+    """The seed report's network: three conv blocks (width, 2x, 4x channels), one hidden FC layer."""
+    return nn.Sequential(
+        conv_block(3, width, batch_norm, convs_per_block),
+        conv_block(width, 2 * width, batch_norm, convs_per_block),
+        conv_block(2 * width, 4 * width, batch_norm, convs_per_block),
+        nn.Flatten(),
+        nn.Dropout(dropout),
+        nn.Linear(4 * width * 4 * 4, hidden_units),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(hidden_units, num_classes),
+    )
+
+
+@register("resnet18")
+def resnet18_cifar(num_classes: int = 10) -> nn.Module:
+    """ResNet-18 for 32x32 inputs: 3x3 stride-1 stem and no max-pool, trained from scratch."""
+    model = tv_models.resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+@register("resnet18_pretrained", weights=tv_models.ResNet18_Weights.IMAGENET1K_V1)
+def resnet18_imagenet(num_classes: int = 10) -> nn.Module:
+    """torchvision ResNet-18 (ImageNet stem) with a new 10-class head."""
+    model = tv_models.resnet18()
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
+def vgg16_cifar(num_classes: int = 10, dropout: float = 0.5) -> nn.Module:
+    """VGG16 features with a 512-wide head on globally pooled features.
+
+    At 32x32 the features end at 1x1, so the ImageNet classifier (25088 -> 4096, 100M weights) would
+    only see one value copied 49 times; a small new head trains faster and fits on any machine.
+    """
+    model = tv_models.vgg16()
+    model.avgpool = nn.AdaptiveAvgPool2d(1)
+    model.classifier = nn.Sequential(
+        nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(512, num_classes)
+    )
+    return model
+
+
+VGG16_SPEC = {
+    "options": ("dropout",),
+    "weights": tv_models.VGG16_Weights.IMAGENET1K_V1,
+    "frozen_part": "features",
+}
+register("vgg16_transfer", **VGG16_SPEC)(vgg16_cifar)
+register("vgg16_finetune", **VGG16_SPEC, unfreeze_after_freeze_epochs=True)(vgg16_cifar)
+
+
+def model_names() -> list[str]:
+    return sorted(MODELS)
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise UnknownModelError(f"Unknown model {name!r}; choose one of {model_names()}.")
+    return MODELS[name]
+
+
+def model_options(name: str, config: Any) -> dict[str, Any]:
+    """The constructor options of `name` taken from a config object (stored with logged models)."""
+    return {option: getattr(config, option) for option in get_spec(name).options}
+
+
+def pretrained_state_dict(name: str, weights_path: str | None) -> dict[str, torch.Tensor]:
+    """ImageNet weights from `weights_path` or torchvision's cache/download (honours TORCH_HOME)."""
+    spec = get_spec(name)
+    if spec.weights is None:
+        raise WeightsUnavailableError(
+            f"{name} has no pretrained weights; use pretrained=false or resnet18_pretrained."
+        )
+    if weights_path:
+        path = Path(weights_path)
+        if not path.is_file():
+            raise WeightsUnavailableError(f"weights_path {path} does not exist.")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return spec.weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as error:
+        file_name = Path(spec.weights.url).name
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise WeightsUnavailableError(
+            f"Could not get ImageNet weights for {name} from {spec.weights.url} "
+            f"({type(error).__name__}: {error}).\n"
+            f"Provide them in one of three ways:\n"
+            f"  1. copy {file_name} into {cache} (set TORCH_HOME to use another cache);\n"
+            f"  2. pass -P weights_path=/path/to/{file_name};\n"
+            f"  3. train from random weights with -P pretrained=false."
+        ) from None
+
+
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Copy every pretrained tensor whose name and shape match; the new head stays random."""
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    return sorted(set(own) - set(usable))
+
+
+def build_model(
+    name: str,
+    options: dict[str, Any] | None = None,
+    pretrained: bool = False,
+    weights_path: str | None = None,
+    num_classes: int = 10,
+) -> nn.Module:
+    model = get_spec(name).build(num_classes=num_classes, **(options or {}))
+    if pretrained:
+        load_matching(model, pretrained_state_dict(name, weights_path))
+    return model
+
+
+def is_frozen(name: str, epoch: int, freeze_epochs: int) -> bool:
+    """Transfer models keep their features frozen; fine-tuned ones for the first `freeze_epochs`."""
+    spec = get_spec(name)
+    if spec.frozen_part is None:
+        return False
+    return not spec.unfreeze_after_freeze_epochs or epoch < freeze_epochs
+
+
+def set_frozen(model: nn.Module, name: str, frozen: bool) -> None:
+    """Freeze or unfreeze the pretrained part of a transfer model (a no-op for the others)."""
+    part = get_spec(name).frozen_part
+    if part is not None:
+        for parameter in getattr(model, part).parameters():
+            parameter.requires_grad_(not frozen)
+
+
+def gradcam_target_layer(model: nn.Module) -> nn.Module:
+    """The last convolution: the deepest layer that still has a spatial map, for any architecture."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError("Grad-CAM needs a model with at least one Conv2d layer.")
+    return convs[-1]

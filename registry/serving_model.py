@@ -1,0 +1,242 @@
+"""The logged and served model: encoded images in, label / class name / probabilities out.
+
+A pyfunc that rebuilds the network from the model registry and its logged weights. It imports only
+torch, the model registry, the normalization helper and image decoding, so a server starts quickly and
+carries no training code. Every input problem becomes an MlflowException with INVALID_PARAMETER_VALUE,
+which `mlflow models serve` answers with HTTP 400 and the message, and keeps serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import PIL
+import torch
+import torchvision
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types.schema import AnyType, Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
+from PIL import Image
+
+from pipeline.loader import normalize
+from pipeline.models import build_model
+
+IMAGE_COLUMN = "image"
+MAX_IMAGES_PER_REQUEST = 1024
+MAX_IMAGE_PIXELS = 4096 * 4096
+SUPPORTED_FORMATS = ("PNG", "JPEG")
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+class InvalidImageError(MlflowException):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def image_bytes(value: Any, index: int) -> bytes:
+    """Raw bytes from what a caller sent: bytes in process, base64 text over REST.
+
+    Line breaks are allowed in the base64 text (the `base64` tool and MLflow wrap at 76 columns);
+    any other character outside the alphabet is an error, not silently skipped.
+    """
+    if isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value)
+    elif isinstance(value, str):
+        try:
+            raw = base64.b64decode("".join(value.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidImageError(
+                f"image {index}: not valid base64. Send each image as the base64 text of its "
+                "PNG or JPEG file (e.g. base64.b64encode(open('cat.png','rb').read()).decode())."
+            ) from None
+    else:
+        raise InvalidImageError(
+            f"image {index}: expected PNG/JPEG bytes or their base64 text, got {type(value).__name__}."
+        )
+    if not raw:
+        raise InvalidImageError(f"image {index}: empty; send the bytes of a PNG or JPEG file.")
+    return raw
+
+
+def decode_image(value: Any, index: int = 0) -> np.ndarray:
+    """One encoded image -> 32x32 RGB uint8, refusing oversized images before decoding pixels."""
+    raw = image_bytes(value, index)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InvalidImageError(
+            f"image {index}: refused, its header declares more than {MAX_IMAGE_PIXELS:,} pixels."
+        ) from None
+    except (PIL.UnidentifiedImageError, OSError, ValueError):
+        raise InvalidImageError(
+            f"image {index}: the bytes are not a recognizable image; send a PNG or JPEG file."
+        ) from None
+    if image.format not in SUPPORTED_FORMATS:
+        raise InvalidImageError(
+            f"image {index}: {image.format} is not supported; send PNG or JPEG."
+        )
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InvalidImageError(
+            f"image {index}: {width}x{height} is {width * height:,} pixels, over the limit of "
+            f"{MAX_IMAGE_PIXELS:,}; downscale it before sending (the model sees 32x32)."
+        )
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError):
+        raise InvalidImageError(
+            f"image {index}: the {image.format} data is truncated or corrupt."
+        ) from None
+    return to_rgb_32(image)
+
+
+def to_rgb_32(image: Image.Image) -> np.ndarray:
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    image = image.convert("RGB")
+    if image.size != (32, 32):
+        image = image.resize((32, 32), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    tta: bool = False,
+    batch_size: int = 512,
+) -> np.ndarray:
+    """Softmax probabilities for uint8 NHWC images; `tta` averages with the mirrored image."""
+    model.eval()
+    device = next(model.parameters()).device
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        chunk = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2)
+        batch = normalize(chunk.to(device), mean, std)
+        probabilities = model(batch).float().softmax(dim=1)
+        if tta:
+            probabilities = (probabilities + model(batch.flip(-1)).float().softmax(dim=1)) / 2
+        outputs.append(probabilities.cpu().numpy())
+    return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+
+
+class CifarClassifier(mlflow.pyfunc.PythonModel):
+    """Classifies encoded images with the logged network, normalizing exactly as in training."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        self.meta = json.loads(Path(context.artifacts["meta"]).read_text())
+        self.class_names = list(self.meta["class_names"])
+        self.model = build_model(
+            self.meta["architecture"], self.meta["options"], num_classes=len(self.class_names)
+        )
+        state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state)
+        self.model.eval()
+
+    # model_input is left unannotated: MLflow would otherwise derive the signature from the hint.
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if IMAGE_COLUMN not in frame.columns:
+            raise InvalidImageError(
+                f"missing column '{IMAGE_COLUMN}' (got {list(frame.columns)}); send "
+                '{"dataframe_split": {"columns": ["image"], "data": [["<base64 PNG/JPEG>"]]}}.'
+            )
+        if len(frame) > MAX_IMAGES_PER_REQUEST:
+            raise InvalidImageError(
+                f"{len(frame)} images in one request; the limit is {MAX_IMAGES_PER_REQUEST}. "
+                "Split the request."
+            )
+        if len(frame) == 0:
+            return pd.DataFrame({"label": [], "class_name": [], "probabilities": []})
+        images = np.stack([decode_image(v, i) for i, v in enumerate(frame[IMAGE_COLUMN])])
+        tta = bool((params or {}).get("tta", False))
+        probabilities = predict_probabilities(
+            self.model, images, self.meta["mean"], self.meta["std"], tta=tta
+        )
+        labels = probabilities.argmax(axis=1)
+        return pd.DataFrame(
+            {
+                "label": labels.astype(np.int64),
+                "class_name": [self.class_names[i] for i in labels],
+                "probabilities": [row.astype(float).tolist() for row in probabilities],
+            }
+        )
+
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec(AnyType(), IMAGE_COLUMN)]),
+    outputs=Schema(
+        [
+            ColSpec(DataType.long, "label"),
+            ColSpec(DataType.string, "class_name"),
+            ColSpec(Array(DataType.double), "probabilities"),
+        ]
+    ),
+    params=ParamSchema([ParamSpec("tta", DataType.boolean, False)]),
+)
+
+
+def log_classifier(
+    model: torch.nn.Module,
+    architecture: str,
+    options: dict[str, Any],
+    mean: Sequence[float],
+    std: Sequence[float],
+    class_names: Sequence[str],
+    example_image: np.ndarray,
+) -> ModelInfo:
+    """Log `model` under the artifact name `model` in the active run, with everything to serve it."""
+    meta = {
+        "architecture": architecture,
+        "options": options,
+        "mean": list(mean),
+        "std": list(std),
+        "class_names": list(class_names),
+        "image_size": 32,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "weights.pt"
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
+        meta_path = Path(tmp) / "meta.json"
+        meta_path.write_text(json.dumps(meta, indent=2))
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=CifarClassifier(),
+            artifacts={"weights": str(weights), "meta": str(meta_path)},
+            code_paths=[str(PACKAGE_ROOT / "pipeline"), str(PACKAGE_ROOT / "registry")],
+            signature=SIGNATURE,
+            input_example=pd.DataFrame({IMAGE_COLUMN: [encode_png(example_image)]}),
+            pip_requirements=[
+                f"mlflow=={mlflow.__version__}",
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"torchvision=={torchvision.__version__.split('+')[0]}",
+                f"pillow=={PIL.__version__}",
+                f"pandas=={pd.__version__}",
+                f"numpy=={np.__version__}",
+            ],
+            metadata={"architecture": architecture, "class_names": list(class_names)},
+        )
