@@ -237,9 +237,15 @@ def stratified_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded, class-stratified (train, val) index arrays carved from the training batches."""
     index = np.arange(len(labels))
-    train_index, val_index = train_test_split(
-        index, test_size=val_fraction, random_state=seed, stratify=labels
-    )
+    try:
+        train_index, val_index = train_test_split(
+            index, test_size=val_fraction, random_state=seed, stratify=labels
+        )
+    except ValueError as error:
+        raise DataIntegrityError(
+            f"Cannot carve a stratified {val_fraction:.0%} validation split from {len(labels)} "
+            f"images ({error}). Use more images or a larger val_fraction."
+        ) from None
     return np.sort(train_index), np.sort(val_index)
 
 

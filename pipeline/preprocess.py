@@ -161,7 +161,7 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
         metrics |= {
             f"{split}_count_{name}": n for split, c in counts.items() for name, n in c.items()
         }
-        metrics |= duplicate_counts(train.images, test.images if test is not None else None)
+        metrics |= duplicate_counts(data.images, test.images if test is not None else None)
         metrics |= {
             "unreadable_files": len(unreadable),
             "missing_batches": sum(e["status"] == "missing" for e in report),

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.config import TrainConfig, build_config, config_to_params, dump_yaml
-from pipeline.data import Splits, load_training_set, make_splits
+from pipeline.data import ImageSet, Splits, load_training_set, make_splits
 from pipeline.errors import PipelineError
 from pipeline.loader import Augmentation, DeviceBatches
 from pipeline.models import build_model, get_spec, is_frozen, model_options, set_frozen
@@ -251,9 +251,12 @@ class Prepared:
     source: str
 
 
-def prepare_training(config: TrainConfig) -> Prepared:
-    """Data, splits, device-resident batches and a freshly seeded model for `config`."""
-    data = load_training_set(config.data_dir, config.download)
+def prepare_training(config: TrainConfig, data: ImageSet | None = None) -> Prepared:
+    """Data, splits, device-resident batches and a freshly seeded model for `config`.
+
+    `data` lets a caller that trains many times (tuning) load the training batches once.
+    """
+    data = data if data is not None else load_training_set(config.data_dir, config.download)
     splits = make_splits(data, config.val_fraction, config.seed, config.max_train_images)
     device = select_device()
     on_cuda = device.type == "cuda"

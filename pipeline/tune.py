@@ -1,0 +1,241 @@
+"""The `tune` stage: an Optuna study over a search space from `experiments/search_spaces/`.
+
+Each trial trains with the same `fit()` as the train entry point, in its own nested MLflow run, and
+reports per-epoch validation accuracy to the pruner. The study lives in Optuna storage (a local SQLite
+file by default, any RDB URL otherwise), so rerunning with the same study name resumes it and several
+processes or machines can work on one study at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import mlflow
+import optuna
+from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
+
+from pipeline.config import (
+    EXPERIMENTS_DIR,
+    ConfigError,
+    TrainConfig,
+    TuneConfig,
+    config_to_params,
+    dump_yaml,
+    read_yaml,
+    resolve_train_config,
+)
+from pipeline.data import ImageSet, load_training_set
+from pipeline.tracking import log_figure, log_resolved_params, stage_run
+from pipeline.train import fit, prepare_training
+
+SEARCH_SPACES_DIR = EXPERIMENTS_DIR / "search_spaces"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# Fields a best_config.yaml leaves out: they describe one run, not a recipe.
+RUN_ONLY_FIELDS = ("experiment_name", "resume_run_id", "config")
+
+
+def load_search_space(config: TuneConfig) -> dict[str, dict[str, Any]]:
+    path = (
+        Path(config.search_space)
+        if config.search_space
+        else SEARCH_SPACES_DIR / f"{config.model}.yaml"
+    )
+    space = read_yaml(path)
+    known = set(TrainConfig.__dataclass_fields__)
+    for name, spec in space.items():
+        if name not in known:
+            raise ConfigError(f"{path}: {name!r} is not a train parameter; valid: {sorted(known)}.")
+        if not isinstance(spec, Mapping) or spec.get("type") not in ("float", "int", "categorical"):
+            raise ConfigError(f"{path}: {name} needs type float, int or categorical.")
+    return space
+
+
+def suggest(trial: optuna.Trial, space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    values = {}
+    for name, spec in space.items():
+        if spec["type"] == "categorical":
+            values[name] = trial.suggest_categorical(name, list(spec["choices"]))
+        elif spec["type"] == "int":
+            values[name] = trial.suggest_int(
+                name, int(spec["low"]), int(spec["high"]), log=spec.get("log", False)
+            )
+        else:
+            values[name] = trial.suggest_float(
+                name, float(spec["low"]), float(spec["high"]), log=spec.get("log", False)
+            )
+    return values
+
+
+def default_storage() -> str:
+    """A SQLite file beside the tracking store when that is SQLite, else in the working directory."""
+    tracking = mlflow.get_tracking_uri()
+    if tracking.startswith("sqlite:///"):
+        return f"sqlite:///{Path(tracking.removeprefix('sqlite:///')).parent / 'optuna.db'}"
+    return "sqlite:///optuna.db"
+
+
+def make_pruner(config: TuneConfig) -> optuna.pruners.BasePruner:
+    if config.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config.epochs)
+    if config.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(config: TuneConfig, storage_url: str) -> optuna.Study:
+    """Create or resume the study; heartbeats let a killed worker's trial be retried."""
+    storage = RDBStorage(
+        storage_url,
+        heartbeat_interval=30,
+        grace_period=90,
+        failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
+    )
+    return optuna.create_study(
+        study_name=config.study_name or f"{config.model}-tune",
+        storage=storage,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=config.seed),
+        pruner=make_pruner(config),
+        load_if_exists=True,
+    )
+
+
+def trial_config(config: TuneConfig, values: Mapping[str, Any]) -> TrainConfig:
+    return resolve_train_config(
+        {
+            "model": config.model,
+            "data_dir": config.data_dir,
+            "val_fraction": config.val_fraction,
+            "seed": config.seed,
+            "max_train_images": config.max_train_images,
+            "epochs": config.epochs,
+        }
+        | dict(values)
+    )
+
+
+def make_objective(config: TuneConfig, space: Mapping, data: ImageSet, parent_run_id: str):
+    def objective(trial: optuna.Trial) -> float:
+        train_config = trial_config(config, suggest(trial, space))
+        with mlflow.start_run(
+            run_name=f"trial-{trial.number}", nested=True, parent_run_id=parent_run_id
+        ):
+            mlflow.log_params(config_to_params(train_config))
+            mlflow.set_tags(
+                {
+                    "optuna_study": trial.study.study_name,
+                    "optuna_trial": trial.number,
+                    "architecture": train_config.model,
+                }
+            )
+            prepared = prepare_training(train_config, data)
+            epochs_spent = [0]
+
+            def report(epoch: int, metrics: dict[str, float]) -> None:
+                epochs_spent[0] = epoch + 1
+                trial.report(metrics["val_accuracy"], epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
+
+            try:
+                state = fit(
+                    prepared.model,
+                    train_config.model,
+                    prepared.train_batches,
+                    prepared.val_batches,
+                    train_config,
+                    on_epoch_end=report,
+                )
+            except optuna.TrialPruned:
+                mlflow.set_tags({"trial_state": "PRUNED", "epochs_spent": epochs_spent[0]})
+                trial.set_user_attr("epochs_spent", epochs_spent[0])
+                raise
+            except Exception:
+                mlflow.set_tags({"trial_state": "FAIL", "epochs_spent": epochs_spent[0]})
+                raise
+            mlflow.set_tags({"trial_state": "COMPLETE", "epochs_spent": epochs_spent[0]})
+            mlflow.log_metric("best_val_accuracy", state.best_val_accuracy)
+            trial.set_user_attr("epochs_spent", epochs_spent[0])
+            return state.best_val_accuracy
+
+    return objective
+
+
+def log_study_plots(study: optuna.Study) -> None:
+    """Optuna's own plots; importances need at least two finished trials that differ."""
+    from optuna.visualization import matplotlib as optuna_plots
+
+    plots = {
+        "optimization_history": optuna_plots.plot_optimization_history,
+        "param_importances": optuna_plots.plot_param_importances,
+        "parallel_coordinate": optuna_plots.plot_parallel_coordinate,
+    }
+    for name, plot in plots.items():
+        try:
+            axes = plot(study)
+        except (ValueError, RuntimeError) as error:
+            mlflow.log_text(f"{name} not drawn: {error}\n", f"plots/{name}.txt")
+            continue
+        figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
+        log_figure(figure, f"plots/{name}.png")
+
+
+@dataclass
+class TuneResult:
+    run_id: str
+    study_name: str
+    storage: str
+    best_value: float
+    best_params: dict[str, Any]
+    best_config: dict[str, Any]
+
+
+def run_tune(config: TuneConfig) -> TuneResult:
+    """The `tune` entry point: this run is the parent, every trial a nested run."""
+    space = load_search_space(config)
+    storage = config.storage or default_storage()
+    data = load_training_set(config.data_dir)
+    study = open_study(config, storage)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with stage_run(config.experiment_name, f"tune-{study.study_name}") as run:
+        log_resolved_params(
+            config_to_params(config) | {"storage": storage, "study_name": study.study_name}
+        )
+        mlflow.log_text(dump_yaml(space), "search_space.yaml")
+        started = time.perf_counter()
+        study.optimize(
+            make_objective(config, space, data, run.info.run_id),
+            n_trials=config.n_trials,
+            n_jobs=config.n_jobs,
+            timeout=config.timeout_seconds,
+            callbacks=[MaxTrialsCallback(config.n_trials, states=FINISHED)],
+            catch=(RuntimeError,),
+        )
+        trials = study.get_trials(deepcopy=False)
+        counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
+        mlflow.log_metrics(
+            {f"trials_{k}": v for k, v in counts.items()}
+            | {"tune_seconds": time.perf_counter() - started}
+        )
+        best = study.best_trial
+        best_config = {
+            k: v
+            for k, v in config_to_params(trial_config(config, best.params)).items()
+            if k not in RUN_ONLY_FIELDS
+        }
+        mlflow.log_metrics({"best_val_accuracy": best.value, "best_trial": best.number})
+        mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
+        mlflow.log_text(dump_yaml(best_config), "best_config.yaml")
+        log_study_plots(study)
+    return TuneResult(
+        run.info.run_id, study.study_name, storage, best.value, best.params, best_config
+    )

@@ -1,0 +1,116 @@
+import math
+
+import mlflow
+import numpy as np
+import pytest
+
+from pipeline.config import EvaluateConfig, resolve_train_config
+from pipeline.data import DataUnavailableError, load_test_set
+from pipeline.evaluate import classification_metrics, expected_calibration_error, run_evaluate
+from pipeline.train import run_train
+from registry.serving_model import predict_probabilities
+from tests.conftest import write_cifar_dir
+from tests.test_preprocess import artifact_paths
+
+NAMES = ("a", "b", "c")
+LABELS = np.array([0, 0, 1, 1, 2])
+PROBS = np.array(
+    [
+        [0.7, 0.2, 0.1],  # right, conf 0.7
+        [0.2, 0.5, 0.3],  # wrong (b), true class last
+        [0.1, 0.8, 0.1],  # right, conf 0.8
+        [0.1, 0.9, 0.0],  # right, conf 0.9
+        [0.6, 0.1, 0.3],  # wrong (a), true class second
+    ]
+)
+
+
+def test_metrics_match_hand_computed_values():
+    m = classification_metrics(LABELS, PROBS, NAMES)
+    assert m["test_accuracy"] == pytest.approx(3 / 5)
+    # predicted [a, b, b, b, a]: precision a=1/2, b=2/3, c=0; recall a=1/2, b=1, c=0.
+    assert m["test_precision_macro"] == pytest.approx((1 / 2 + 2 / 3 + 0) / 3)
+    assert m["test_recall_macro"] == pytest.approx((1 / 2 + 1 + 0) / 3)
+    f1_b = 2 * (2 / 3) * 1 / (2 / 3 + 1)
+    assert m["test_f1_macro"] == pytest.approx((0.5 + f1_b + 0) / 3)
+    assert m["test_f1_b"] == pytest.approx(f1_b) and m["test_recall_c"] == 0
+    assert m["test_top2_accuracy"] == pytest.approx(4 / 5)
+    expected_loss = -np.mean(np.log([0.7, 0.2, 0.8, 0.9, 0.3]))
+    assert m["test_log_loss"] == pytest.approx(expected_loss)
+    # Bins of width 1/15: 0.5, 0.6, 0.7, 0.8, 0.9 fall in five different bins.
+    gaps = [abs(1 - 0.7), abs(0 - 0.5), abs(1 - 0.8), abs(1 - 0.9), abs(0 - 0.6)]
+    assert m["test_ece"] == pytest.approx(sum(gaps) / 5)
+
+
+def test_ece_is_zero_for_perfect_calibration():
+    probs = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert expected_calibration_error(probs, np.array([0, 1])) == 0
+    assert math.isclose(expected_calibration_error(probs, np.array([1, 0])), 1.0)
+
+
+@pytest.fixture
+def trained(tracking, tmp_path):
+    data_dir = write_cifar_dir(tmp_path, per_batch=300, batches=2, test_images=300)
+    config = resolve_train_config(
+        {"data_dir": str(data_dir), "epochs": 3, "width": 16, "experiment_name": tracking}
+    )
+    return run_train(config), data_dir
+
+
+def test_evaluate_logs_everything_and_matches_an_independent_reload(trained, tracking):
+    result, data_dir = trained
+    config = EvaluateConfig(
+        model_uri=f"runs:/{result.run_id}/model", data_dir=str(data_dir), experiment_name=tracking
+    )
+    evaluated = run_evaluate(config)
+    run = mlflow.get_run(evaluated.run_id)
+    assert run.data.tags["source_run_id"] == result.run_id
+    assert run.data.tags["model_uri"] == config.model_uri
+    for name in (
+        "accuracy",
+        "precision_macro",
+        "recall_macro",
+        "f1_macro",
+        "top2_accuracy",
+        "log_loss",
+        "ece",
+    ):
+        assert f"test_{name}" in run.data.metrics
+    assert "test_f1_airplane" in run.data.metrics and run.data.metrics["test_images"] == 300
+    assert {
+        "metrics_table.md",
+        "metrics_table.csv",
+        "confusion_matrix_counts.png",
+        "confusion_matrix_counts.csv",
+        "confusion_matrix_normalized.png",
+        "confusion_matrix_normalized.csv",
+        "reliability_diagram.png",
+        "confident_mistakes.png",
+        "gradcam.png",
+        "predictions.csv",
+    } <= artifact_paths(evaluated.run_id)
+
+    test = load_test_set(data_dir)
+    classifier = mlflow.pyfunc.load_model(result.model_uri).unwrap_python_model()
+    probabilities = predict_probabilities(
+        classifier.model, test.images, classifier.meta["mean"], classifier.meta["std"]
+    )
+    independent = (probabilities.argmax(axis=1) == test.labels).mean()
+    assert evaluated.metrics["test_accuracy"] == pytest.approx(independent, abs=0.002)
+    training_run = mlflow.get_run(result.run_id).data.metrics
+    assert training_run["test_accuracy"] == evaluated.metrics["test_accuracy"]
+
+    tta = run_evaluate(EvaluateConfig(**{**config.__dict__, "tta": True, "gradcam_per_class": 0}))
+    assert tta.run_id != evaluated.run_id
+    assert mlflow.get_run(tta.run_id).data.tags["tta"] == "True"
+    assert (
+        mlflow.get_run(result.run_id).data.metrics["test_accuracy_tta"]
+        == tta.metrics["test_accuracy"]
+    )
+
+
+def test_missing_test_batch_is_a_clear_error(tracking, tmp_path):
+    data_dir = write_cifar_dir(tmp_path, per_batch=50, batches=1, test_images=0)
+    config = EvaluateConfig(model_uri="runs:/x/model", data_dir=str(data_dir))
+    with pytest.raises(DataUnavailableError, match="has no test_batch"):
+        run_evaluate(config)

@@ -1,0 +1,150 @@
+import os
+import subprocess
+import sys
+import uuid
+
+import mlflow
+import optuna
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, TuneConfig, resolve_train_config
+from pipeline.tune import run_tune
+
+POSTGRES_URL = os.environ.get("CIFAR10_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+TINY = {"model": "cnn", "data_dir": "synthetic", "epochs": 3, "max_train_images": 256}
+
+
+@pytest.fixture
+def space(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "lr: {type: float, low: 0.0000001, high: 0.01, log: true}\n"
+        "width: {type: categorical, choices: [4, 8]}\n"
+        "batch_size: {type: categorical, choices: [64]}\n"
+    )
+    return str(path)
+
+
+def nested_runs(parent_run_id: str, experiment: str):
+    return mlflow.search_runs(
+        experiment_names=[experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    )
+
+
+def test_tiny_study_end_to_end(tracking, tmp_path, space):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    config = TuneConfig(
+        **TINY,
+        n_trials=8,
+        storage=storage,
+        study_name="tiny",
+        search_space=space,
+        experiment_name=tracking,
+    )
+    result = run_tune(config)
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 8
+    states = {t.state for t in finished}
+    assert optuna.trial.TrialState.PRUNED in states and optuna.trial.TrialState.COMPLETE in states
+
+    children = nested_runs(result.run_id, tracking)
+    assert len(children) == 8
+    by_trial = {
+        int(n): s
+        for n, s in zip(children["tags.optuna_trial"], children["tags.trial_state"], strict=True)
+    }
+    assert by_trial == {t.number: t.state.name for t in finished}
+    assert children["metrics.val_accuracy"].notna().all()
+
+    parent = mlflow.get_run(result.run_id)
+    assert parent.data.metrics["best_val_accuracy"] == study.best_value
+    assert parent.data.params["best_lr"] == str(study.best_params["lr"])
+    best_config = yaml.safe_load(
+        mlflow.artifacts.load_text(f"runs:/{result.run_id}/best_config.yaml")
+    )
+    path = tmp_path / "best_config.yaml"
+    path.write_text(yaml.safe_dump(best_config))
+    reloaded = resolve_train_config({"config": str(path)})
+    assert reloaded.lr == study.best_params["lr"] and reloaded.width == study.best_params["width"]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "plots")}
+    assert {"plots/optimization_history.png", "plots/parallel_coordinate.png"} <= artifacts
+
+    resumed = run_tune(TuneConfig(**{**config.__dict__, "n_trials": 10}))
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert len([t for t in study.trials if t.state.is_finished()]) == 10
+    assert len(nested_runs(resumed.run_id, tracking)) == 2
+
+
+def test_unknown_search_space_parameter_is_refused(tracking, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("learning_rate: {type: float, low: 0.1, high: 1}\n")
+    with pytest.raises(ConfigError, match="'learning_rate' is not a train parameter"):
+        run_tune(TuneConfig(**TINY, search_space=str(path), storage=f"sqlite:///{tmp_path}/o.db"))
+
+
+def postgres_available() -> bool:
+    try:
+        import sqlalchemy
+
+        with sqlalchemy.create_engine(POSTGRES_URL).connect():
+            return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not postgres_available(), reason=f"PostgreSQL not reachable at {POSTGRES_URL}")
+def test_two_workers_share_one_postgres_study(tracking, space, tmp_path):
+    study_name = f"shared-{uuid.uuid4().hex[:8]}"
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "tune",
+        "--model",
+        "cnn",
+        "--data-dir",
+        "synthetic",
+        "--epochs",
+        "2",
+        "--max-train-images",
+        "256",
+        "--n-trials",
+        "8",
+        "--storage",
+        POSTGRES_URL,
+        "--study-name",
+        study_name,
+        "--search-space",
+        space,
+        "--pruner",
+        "none",
+        "--experiment-name",
+        tracking,
+    ]
+    workers = [
+        subprocess.Popen(
+            [*command, "--seed", str(seed)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in (1, 2)
+    ]
+    for worker in workers:
+        assert worker.wait(timeout=600) == 0, worker.stderr.read()
+    study = optuna.load_study(study_name=study_name, storage=POSTGRES_URL)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers)) and len(numbers) >= 6
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    parents = mlflow.search_runs(
+        experiment_names=[tracking], filter_string="tags.mlflow.runName LIKE 'tune-%'"
+    )
+    assert len(parents) == 2
+    children = mlflow.search_runs(
+        experiment_names=[tracking], filter_string="tags.optuna_trial != ''"
+    )
+    logged = sorted(int(n) for n in children["tags.optuna_trial"])
+    assert logged == sorted(numbers)
+    optuna.delete_study(study_name=study_name, storage=POSTGRES_URL)
