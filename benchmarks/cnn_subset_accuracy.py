@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import tempfile
 import time
 from pathlib import Path
@@ -19,17 +18,11 @@ from pathlib import Path
 import mlflow
 
 from pipeline.config import EvaluateConfig, resolve_train_config
-from pipeline.data import BATCH_DIR, load_training_set, stratified_split
+from pipeline.data import BATCH_DIR, load_training_set, stratified_split, write_batch
 from pipeline.evaluate import run_evaluate
 from pipeline.train import run_train
 
 SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-subset"
-
-
-def write_batch(path: Path, images, labels) -> None:
-    data = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
-    with path.open("wb") as f:
-        pickle.dump({"batch_label": path.name, "labels": labels.tolist(), "data": data}, f, 2)
 
 
 def write_held_out_copy(subset: Path, root: Path, seed: int) -> Path:

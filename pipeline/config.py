@@ -64,7 +64,7 @@ class TrainConfig:
     hidden_units: int = 256
     dropout: float = 0.2
     batch_norm: bool = True
-    convs_per_block: int = 1
+    convs_per_block: int = 2
     pretrained: bool = False
     weights_path: str | None = None
     freeze_epochs: int = 0

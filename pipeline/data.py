@@ -90,6 +90,19 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
 
 
+def write_batch(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """The inverse of `read_batch`: a protocol-2 pickle with channel-major rows, as the official files."""
+    data = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).reshape(len(images), -1)
+    entry = {"batch_label": path.name, "labels": [int(v) for v in labels], "data": data}
+    with path.open("wb") as f:
+        pickle.dump(entry, f, protocol=2)
+
+
+def write_meta(batch_dir: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> None:
+    with (batch_dir / META_FILE).open("wb") as f:
+        pickle.dump({"label_names": list(class_names)}, f, protocol=2)
+
+
 def read_class_names(batch_dir: Path) -> tuple[str, ...]:
     meta = batch_dir / META_FILE
     if not meta.is_file():

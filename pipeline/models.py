@@ -69,7 +69,7 @@ def small_cnn(
     hidden_units: int = 256,
     dropout: float = 0.2,
     batch_norm: bool = True,
-    convs_per_block: int = 1,
+    convs_per_block: int = 2,
 ) -> nn.Module:
     """The seed report's network: three conv blocks (width, 2x, 4x channels), one hidden FC layer."""
     return nn.Sequential(

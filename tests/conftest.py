@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import pickle
 import uuid
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pytest
 
-from pipeline.data import BATCH_DIR, CLASS_NAMES, make_synthetic
+from pipeline.data import BATCH_DIR, make_synthetic, write_batch, write_meta
 
 REAL_SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-subset"
-
-
-def write_batch(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    """A batch exactly as the official files store it: a protocol-2 pickle, channel-major rows."""
-    data = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
-    entry = {"batch_label": path.name, "labels": [int(v) for v in labels], "data": data}
-    with path.open("wb") as f:
-        pickle.dump(entry, f, protocol=2)
 
 
 def write_cifar_dir(
@@ -35,8 +25,7 @@ def write_cifar_dir(
     if test_images:
         test = make_synthetic(test_images, seed=seed + 100)
         write_batch(batch_dir / "test_batch", test.images, test.labels)
-    with (batch_dir / "batches.meta").open("wb") as f:
-        pickle.dump({"label_names": list(CLASS_NAMES), "num_cases_per_batch": per_batch}, f, 2)
+    write_meta(batch_dir)
     return root
 
 

@@ -22,8 +22,9 @@ from pipeline.data import (
     make_synthetic,
     md5sum,
     stratified_split,
+    write_batch,
 )
-from tests.conftest import write_batch, write_cifar_dir
+from tests.conftest import write_cifar_dir
 
 UNREACHABLE_URL = "http://127.0.0.1:9/cifar-10-python.tar.gz"
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import PreprocessConfig
-from pipeline.data import BATCH_DIR, DataIntegrityError, read_batch
+from pipeline.data import BATCH_DIR, DataIntegrityError, read_batch, write_batch
 from pipeline.preprocess import run_preprocess
-from tests.conftest import write_batch, write_cifar_dir
+from tests.conftest import write_cifar_dir
 
 PLOTS = {
     "plots/class_distribution.png",

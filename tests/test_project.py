@@ -42,7 +42,7 @@ def test_mlproject_entry_points_call_the_cli_with_every_parameter():
         assert command.startswith(f"python -m pipeline.cli {name} ")
         for parameter in entry["parameters"]:
             assert f"--{parameter.replace('_', '-')} {{{parameter}}}" in command
-        rendered = re.sub(r"\{(\w+)\}", "1", command).split()[3:]
+        rendered = re.sub(r"\{(\w+)\}", "1", command).split()[4:]
         parser.parse_args([name, *rendered])
 
 

@@ -154,6 +154,15 @@ def test_other_formats_and_modes_are_converted(server):
     assert status == 200 and len(body["predictions"]) == 1
 
 
+def test_tta_param_is_accepted(server):
+    base, _ = server
+    body = json.loads(images_request([b64(encode_png(np.zeros((32, 32, 3), np.uint8)))]))
+    status, answer = post(
+        f"{base}/invocations", json.dumps(body | {"params": {"tta": True}}).encode()
+    )
+    assert status == 200 and len(answer["predictions"]) == 1
+
+
 def test_no_rows_get_an_empty_answer(server):
     base, _ = server
     assert post(f"{base}/invocations", images_request([])) == (200, {"predictions": []})
