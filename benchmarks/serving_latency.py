@@ -29,6 +29,7 @@ from pipeline.config import PromoteConfig, resolve_train_config
 from pipeline.data import load_test_set
 from pipeline.train import run_train
 from registry.promote import run_promote
+from registry.server import serve_command, wait_until_serving
 from registry.serving_model import encode_png
 
 MODEL_URI = "models:/cifar10-resnet@champion"
@@ -76,20 +77,6 @@ def measure_in_process(model, frame: pd.DataFrame, requests: int) -> dict:
     return summary(latencies, time.perf_counter() - started)
 
 
-def wait_for_server(port: int, process: subprocess.Popen) -> None:
-    for _ in range(240):
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            connection.request("GET", "/ping")
-            if connection.getresponse().status == 200:
-                return
-        except OSError:
-            if process.poll() is not None:
-                raise RuntimeError("server exited") from None
-            time.sleep(0.5)
-    raise RuntimeError("server did not start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=200)
@@ -113,12 +100,13 @@ def main() -> None:
         model = mlflow.pyfunc.load_model(MODEL_URI)
         images = load_test_set("synthetic").images
         server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", MODEL_URI, "--env-manager", "local",
-             "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"],
-            env=os.environ | {"MLFLOW_TRACKING_URI": uri}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            [sys.executable, "-m", *serve_command(MODEL_URI, "127.0.0.1", args.port)],
+            env=os.environ | {"MLFLOW_TRACKING_URI": uri},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
-            wait_for_server(args.port, server)
+            wait_until_serving(f"http://127.0.0.1:{args.port}", server)
             results = []
             for batch in (1, 64):
                 encoded = [encode_png(image) for image in images[:batch]]

@@ -65,24 +65,6 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k != "stage" and v is not None}
 
 
-def serve_command(args: argparse.Namespace) -> list[str]:
-    return [
-        "mlflow",
-        "models",
-        "serve",
-        "-m",
-        args.model_uri,
-        "--env-manager",
-        "local",
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-        "--workers",
-        str(args.workers),
-    ]
-
-
 STAGES: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
     "preprocess": (
         lambda o: build_config(PreprocessConfig, o),
@@ -99,7 +81,9 @@ STAGES: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
 def dispatch(args: argparse.Namespace) -> None:
     """Build the stage's config, then import the stage (lazily, so --help and bad input answer fast)."""
     if args.stage == "serve":
-        sys.exit(subprocess.call(serve_command(args)))
+        from registry.server import serve_command
+
+        sys.exit(subprocess.call(serve_command(args.model_uri, args.host, args.port, args.workers)))
     make_config, target = STAGES[args.stage]
     config = make_config(given_options(args))
     module, function = target.split(":")

@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,6 +20,7 @@ from pipeline.config import PromoteConfig, resolve_train_config
 from pipeline.data import load_test_set
 from pipeline.train import run_train
 from registry.promote import run_promote
+from registry.server import serve_command, wait_until_serving
 from registry.serving_model import MAX_IMAGES_PER_REQUEST, encode_png
 
 
@@ -80,37 +80,11 @@ def server(tmp_path_factory):
         env = os.environ | {"MLFLOW_TRACKING_URI": uri}
         log = (root / "server.log").open("w")
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "models",
-                "serve",
-                "-m",
-                "models:/cifar10-resnet@champion",
-                "--env-manager",
-                "local",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=root,
-        )
+            [sys.executable, "-m", *serve_command("models:/cifar10-resnet@champion", "127.0.0.1", port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root,
+        )  # fmt: skip
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"{base}/ping", timeout=2)
-                break
-            except OSError:
-                assert process.poll() is None, (root / "server.log").read_text()
-                time.sleep(0.5)
-        else:
-            pytest.fail("server did not answer /ping within 120 s")
+        wait_until_serving(base, process)
         yield base, trained
     finally:
         if "process" in locals():

@@ -1,11 +1,9 @@
 """train -> promote -> serve through a real tracking server on PostgreSQL with S3 (moto) artifacts."""
 
 import base64
-import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -14,6 +12,7 @@ import numpy as np
 import psycopg
 import pytest
 
+from registry.server import serve_command, wait_until_serving
 from registry.serving_model import encode_png
 from scripts.team_stack import StackSettings, client_env, down, s3_client, up
 from tests.test_serve import free_port, images_request, post
@@ -129,23 +128,14 @@ def test_train_promote_serve_through_the_team_stack(stack, tmp_path):
 
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/cifar10-resnet@champion",
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        env=os.environ | env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", *serve_command("models:/cifar10-resnet@champion", "127.0.0.1", port)],
+        env=os.environ | env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read()[-3000:]
-                time.sleep(0.5)
+        wait_until_serving(f"http://127.0.0.1:{port}", server)
         image = base64.b64encode(encode_png(np.zeros((32, 32, 3), np.uint8))).decode()
         status, body = post(f"http://127.0.0.1:{port}/invocations", images_request([image]))
         assert status == 200 and len(body["predictions"][0]["probabilities"]) == 10
     finally:
         server.terminate()
         server.wait(timeout=30)
-    json.dumps(body)
