@@ -119,6 +119,7 @@ class TuneConfig:
     seed: int = 0
     n_jobs: int = 1
     pruner: str = "median"
+    prune_after_epochs: int = 0
     search_space: str | None = None
     timeout_seconds: float | None = None
     experiment_name: str | None = None

@@ -21,7 +21,7 @@ import mlflow
 import optuna
 from optuna.storages import RDBStorage, RetryFailedTrialCallback
 from optuna.study import MaxTrialsCallback
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.config import (
     EXPERIMENTS_DIR,
@@ -84,10 +84,13 @@ def default_storage() -> str:
 
 
 def make_pruner(config: TuneConfig) -> optuna.pruners.BasePruner:
+    """No trial is judged before `prune_after_epochs` (default: a third of its epochs), since the
+    one-cycle warm-up makes early validation accuracy a poor guide to the final one."""
+    first_judged = config.prune_after_epochs or max(1, config.epochs // 3)
     if config.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config.epochs)
+        return optuna.pruners.HyperbandPruner(min_resource=first_judged, max_resource=config.epochs)
     if config.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=first_judged - 1)
     return optuna.pruners.NopPruner()
 
 
@@ -123,6 +126,15 @@ def trial_config(config: TuneConfig, values: Mapping[str, Any]) -> TrainConfig:
     )
 
 
+def finished_twin(trial: optuna.Trial) -> FrozenTrial | None:
+    """An earlier finished trial with exactly these parameters (training is deterministic per seed,
+    so it would end the same way): in discrete spaces TPE proposes repeats, which cost nothing here."""
+    for other in trial.study.get_trials(deepcopy=False, states=FINISHED):
+        if other.number != trial.number and other.params == trial.params:
+            return other
+    return None
+
+
 def make_objective(config: TuneConfig, space: Mapping, data: ImageSet, parent_run_id: str):
     def objective(trial: optuna.Trial) -> float:
         train_config = trial_config(config, suggest(trial, space))
@@ -137,6 +149,16 @@ def make_objective(config: TuneConfig, space: Mapping, data: ImageSet, parent_ru
                     "architecture": train_config.model,
                 }
             )
+            twin = finished_twin(trial)
+            if twin is not None:
+                mlflow.set_tags(
+                    {"trial_state": twin.state.name, "epochs_spent": 0, "duplicate_of": twin.number}
+                )
+                trial.set_user_attr("epochs_spent", 0)
+                if twin.state == TrialState.PRUNED:
+                    raise optuna.TrialPruned(f"same parameters as pruned trial {twin.number}")
+                mlflow.log_metric("best_val_accuracy", twin.value)
+                return twin.value
             prepared = prepare_training(train_config, data)
             epochs_spent = [0]
 

@@ -77,6 +77,7 @@ def find_candidates(
         r
         for r in runs
         if r.data.tags.get("architecture") in config.architectures
+        and "model_uri" in r.data.tags  # a logged model; tuning trials have none
         and config.metric in r.data.metrics
         and rolled_back_tag(config.model_name) not in r.data.tags
     ]

@@ -3,6 +3,7 @@ import math
 import mlflow
 import numpy as np
 import pytest
+from sklearn.metrics import accuracy_score, f1_score
 
 from pipeline.config import EvaluateConfig, resolve_train_config
 from pipeline.data import DataUnavailableError, load_test_set
@@ -114,3 +115,34 @@ def test_missing_test_batch_is_a_clear_error(tracking, tmp_path):
     config = EvaluateConfig(model_uri="runs:/x/model", data_dir=str(data_dir))
     with pytest.raises(DataUnavailableError, match="has no test_batch"):
         run_evaluate(config)
+
+
+def test_real_test_images_score_what_an_independent_reload_gives(tracking, tmp_path, real_subset):
+    """Batches 1-4 of the real subset train; batch 5 plays the unseen test batch."""
+    source = real_subset / "cifar-10-batches-py"
+    held_out = tmp_path / "cifar-10-batches-py"
+    held_out.mkdir()
+    for i in range(1, 5):
+        (held_out / f"data_batch_{i}").symlink_to(source / f"data_batch_{i}")
+    (held_out / "test_batch").symlink_to(source / "data_batch_5")
+    (held_out / "batches.meta").symlink_to(source / "batches.meta")
+    config = resolve_train_config(
+        {"data_dir": str(tmp_path), "epochs": 2, "width": 16, "experiment_name": tracking}
+    )
+    trained = run_train(config)
+    evaluated = run_evaluate(
+        EvaluateConfig(model_uri=trained.model_uri, data_dir=str(tmp_path), gradcam_per_class=1)
+    )
+    test = load_test_set(tmp_path)
+    assert len(test) == 1017
+    classifier = mlflow.pyfunc.load_model(trained.model_uri).unwrap_python_model()
+    predicted = predict_probabilities(
+        classifier.model, test.images, classifier.meta["mean"], classifier.meta["std"]
+    ).argmax(axis=1)
+    assert evaluated.metrics["test_accuracy"] == pytest.approx(
+        accuracy_score(test.labels, predicted), abs=0.002
+    )
+    assert evaluated.metrics["test_f1_macro"] == pytest.approx(
+        f1_score(test.labels, predicted, average="macro"), abs=0.002
+    )
+    assert evaluated.metrics["test_accuracy"] > 0.3
