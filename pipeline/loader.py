@@ -21,10 +21,6 @@ class Augmentation:
     flip: bool = True
     cutout: int = 0
 
-    @property
-    def active(self) -> bool:
-        return self.crop_padding > 0 or self.flip or self.cutout > 0
-
 
 NO_AUGMENTATION = Augmentation(crop_padding=0, flip=False, cutout=0)
 

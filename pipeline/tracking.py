@@ -87,10 +87,6 @@ def log_figure(figure: Figure, artifact_file: str) -> None:
     plt.close(figure)
 
 
-def log_file(path: Path, artifact_path: str | None = None) -> None:
-    mlflow.log_artifact(str(path), artifact_path)
-
-
 def log_dataset(images: Any, labels: Any, source: str, context: str) -> None:
     """Record the training split as an MLflow dataset input (digest, source, schema)."""
     source_uri = None if source == "synthetic" else str(Path(source).resolve())
