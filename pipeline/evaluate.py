@@ -36,18 +36,28 @@ from registry.serving_model import MAX_IMAGES_PER_REQUEST, encode_png
 ECE_BINS = 15
 
 
-def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS):
-    """Weighted mean gap between confidence and accuracy over equal-width confidence bins."""
+def calibration_bins(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS):
+    """Per equal-width confidence bin: its share of samples, accuracy and mean confidence
+    (NaN for an empty bin). The one binning behind both the ECE and the reliability diagram."""
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == labels
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    ece = 0.0
+    share, accuracy, mean_confidence = np.zeros(bins), np.full(bins, np.nan), np.full(bins, np.nan)
     for b in range(bins):
         members = which == b
         if members.any():
-            ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
-    return float(ece)
+            share[b] = members.mean()
+            accuracy[b] = correct[members].mean()
+            mean_confidence[b] = confidence[members].mean()
+    return share, accuracy, mean_confidence
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS):
+    """Weighted mean gap between confidence and accuracy over equal-width confidence bins."""
+    share, accuracy, confidence = calibration_bins(probabilities, labels, bins)
+    filled = share > 0
+    return float(np.sum(share[filled] * np.abs(accuracy[filled] - confidence[filled])))
 
 
 def classification_metrics(
@@ -127,11 +137,9 @@ def plot_confusion(matrix: np.ndarray, class_names: tuple[str, ...], normalized:
 
 
 def plot_reliability(probabilities: np.ndarray, labels: np.ndarray, ece: float):
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == labels
+    _, accuracy, _ = calibration_bins(probabilities, labels)
+    accuracy = np.nan_to_num(accuracy)
     edges = np.linspace(0, 1, ECE_BINS + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, ECE_BINS - 1)
-    accuracy = [correct[which == b].mean() if (which == b).any() else 0 for b in range(ECE_BINS)]
     figure, axis = plt.subplots(figsize=(5, 5))
     axis.bar(
         edges[:-1], accuracy, width=1 / ECE_BINS, align="edge", edgecolor="black", label="accuracy"

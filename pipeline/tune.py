@@ -135,6 +135,12 @@ def finished_twin(trial: optuna.Trial) -> FrozenTrial | None:
     return None
 
 
+def record_outcome(trial: optuna.Trial, state: str, epochs_spent: int) -> None:
+    """The trial's end state and training cost, on its nested run and in the study."""
+    mlflow.set_tags({"trial_state": state, "epochs_spent": epochs_spent})
+    trial.set_user_attr("epochs_spent", epochs_spent)
+
+
 def make_objective(config: TuneConfig, space: Mapping, data: ImageSet, parent_run_id: str):
     def objective(trial: optuna.Trial) -> float:
         train_config = trial_config(config, suggest(trial, space))
@@ -151,10 +157,8 @@ def make_objective(config: TuneConfig, space: Mapping, data: ImageSet, parent_ru
             )
             twin = finished_twin(trial)
             if twin is not None:
-                mlflow.set_tags(
-                    {"trial_state": twin.state.name, "epochs_spent": 0, "duplicate_of": twin.number}
-                )
-                trial.set_user_attr("epochs_spent", 0)
+                mlflow.set_tag("duplicate_of", twin.number)
+                record_outcome(trial, twin.state.name, 0)
                 if twin.state == TrialState.PRUNED:
                     raise optuna.TrialPruned(f"same parameters as pruned trial {twin.number}")
                 mlflow.log_metric("best_val_accuracy", twin.value)
@@ -178,15 +182,13 @@ def make_objective(config: TuneConfig, space: Mapping, data: ImageSet, parent_ru
                     on_epoch_end=report,
                 )
             except optuna.TrialPruned:
-                mlflow.set_tags({"trial_state": "PRUNED", "epochs_spent": epochs_spent[0]})
-                trial.set_user_attr("epochs_spent", epochs_spent[0])
+                record_outcome(trial, "PRUNED", epochs_spent[0])
                 raise
             except Exception:
-                mlflow.set_tags({"trial_state": "FAIL", "epochs_spent": epochs_spent[0]})
+                record_outcome(trial, "FAIL", epochs_spent[0])
                 raise
-            mlflow.set_tags({"trial_state": "COMPLETE", "epochs_spent": epochs_spent[0]})
+            record_outcome(trial, "COMPLETE", epochs_spent[0])
             mlflow.log_metric("best_val_accuracy", state.best_val_accuracy)
-            trial.set_user_attr("epochs_spent", epochs_spent[0])
             return state.best_val_accuracy
 
     return objective
