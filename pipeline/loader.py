@@ -26,11 +26,18 @@ NO_AUGMENTATION = Augmentation(crop_padding=0, flip=False, cutout=0)
 
 
 def normalize(
-    images: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype=torch.float32
+    images: torch.Tensor,
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
+    dtype=torch.float32,
 ) -> torch.Tensor:
-    """uint8 NCHW -> normalized float NCHW."""
-    mean_t = torch.tensor(mean, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
-    std_t = torch.tensor(std, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    """uint8 NCHW -> normalized float NCHW.
+
+    Pass `mean`/`std` as tensors already on the device in a training loop: building them from Python
+    floats is a blocking host-to-device copy, which would stall the GPU once per batch.
+    """
+    mean_t = torch.as_tensor(mean, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    std_t = torch.as_tensor(std, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
     return (images.to(dtype) - mean_t) / std_t
 
 
@@ -88,7 +95,8 @@ class DeviceBatches:
         nchw = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
         self.images = nchw.to(self.device)
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean = torch.tensor(mean, dtype=torch.float32).to(self.device)
+        self.std = torch.tensor(std, dtype=torch.float32).to(self.device)
         self.batch_size = batch_size
         self.train = train
         self.augmentation = augmentation if train else NO_AUGMENTATION

