@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
 import io
 import json
 import tempfile
@@ -37,6 +38,9 @@ from pipeline.models import build_model
 IMAGE_COLUMN = "image"
 MAX_IMAGES_PER_REQUEST = 1024
 MAX_IMAGE_PIXELS = 4096 * 4096
+# mallopt parameters from glibc's malloc.h
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 SUPPORTED_FORMATS = ("PNG", "JPEG")
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -144,6 +148,21 @@ def predict_probabilities(
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
 
 
+def keep_freed_memory() -> None:
+    """Let glibc keep freed tensor memory for reuse instead of handing it back to the OS.
+
+    By default each request's activations (256 KB and up) get fresh mmap'd pages, so every request
+    pays hundreds of page faults (measured: ~700 for one image through ResNet-18, 1.5-5 ms on a
+    2-core VM). The effect is process-wide and only on glibc; elsewhere this does nothing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**30)
+
+
 class CifarClassifier(mlflow.pyfunc.PythonModel):
     """Classifies encoded images with the logged network, normalizing exactly as in training."""
 
@@ -156,6 +175,7 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         self.model.load_state_dict(state)
         self.model.eval()
+        keep_freed_memory()
 
     # model_input is left unannotated: MLflow would otherwise derive the signature from the hint.
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
