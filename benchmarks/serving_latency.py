@@ -1,7 +1,7 @@
 """Requests per second and latency of `mlflow models serve` against in-process `model.predict`.
 
 Trains and promotes a ResNet-18 (1 epoch on synthetic data: latency does not depend on accuracy) in
-a temp registry, starts a real server, and sends 1 or 64 PNG images per request at concurrency 1 and
+a temp registry, in child processes, starts a real server, and sends 1 or 64 PNG images per request at concurrency 1 and
 8 over keep-alive connections. The in-process baseline calls `predict` on the same images as a
 DataFrame of bytes, so the difference is what HTTP, JSON, base64 and the scoring server add.
 
@@ -30,10 +30,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from pipeline.config import PromoteConfig, resolve_train_config
 from pipeline.data import load_test_set
-from pipeline.train import run_train
-from registry.promote import run_promote
+from pipeline.tracking import PROJECT_ROOT
 from registry.server import serve_command, wait_until_serving
 from registry.serving_model import encode_png
 
@@ -150,17 +148,20 @@ def main() -> None:
         uri = f"sqlite:///{tmp}/mlflow.db"
         mlflow.set_tracking_uri(uri)
         os.chdir(tmp)
-        config = resolve_train_config(
-            {
-                "model": "resnet18",
-                "data_dir": "synthetic",
-                "epochs": 1,
-                "max_train_images": 64,
-                "experiment_name": "bench",
-            }
-        )
-        run_train(config)
-        run_promote(PromoteConfig(experiment_name="bench"))
+        # Train and promote in child processes: torch work on this process's main thread would
+        # give it a second OpenMP team and slow the in-process baseline (see the served model).
+        for stage in (
+            ["train", "--model", "resnet18", "--data-dir", "synthetic", "--epochs", "1"]
+            + ["--max-train-images", "64"],
+            ["promote"],
+        ):
+            subprocess.run(
+                [sys.executable, "-m", "pipeline.cli", *stage, "--experiment-name", "bench"],
+                env=os.environ | {"MLFLOW_TRACKING_URI": uri},
+                cwd=PROJECT_ROOT,
+                check=True,
+                capture_output=True,
+            )
         model = mlflow.pyfunc.load_model(MODEL_URI)
         images = load_test_set("synthetic").images
         with mlflow.start_run(run_name="no-work"):
