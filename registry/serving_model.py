@@ -173,7 +173,8 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
         # Every torch call of this model, loading included, runs on this one thread. The scoring
         # server calls predict from a pool of threads; each calling thread gets its own OpenMP team,
         # and with more OpenMP threads than cores libgomp stops spinning between parallel regions:
-        # ~190 sleeps and wake-ups per ResNet-18 forward, measured 5-8 ms per request on 2 cores.
+        # ~190 sleeps and wake-ups per ResNet-18 forward, most of a 9-12 ms overhead per request on
+        # 2 cores (benchmarks/RESULTS.md, Serving).
         self.torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
         self.model = self.torch_thread.submit(self.build_network, context).result()
         keep_freed_memory()
