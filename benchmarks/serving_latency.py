@@ -1,8 +1,8 @@
 """Requests per second and latency of `mlflow models serve` against in-process `model.predict`.
 
 Trains and promotes a ResNet-18 (1 epoch on synthetic data: latency does not depend on accuracy) in
-a temp registry, in child processes, starts a real server, and sends 1 or 64 PNG images per request at concurrency 1 and
-8 over keep-alive connections. The in-process baseline calls `predict` on the same images as a
+a temp registry, in child processes, starts a real server, and sends 1 or 64 PNG images per request
+at concurrency 1 and 8 over keep-alive connections. The in-process baseline calls `predict` on the same images as a
 DataFrame of bytes, so the difference is what HTTP, JSON, base64 and the scoring server add.
 
 The overhead is measured in pairs: blocks of in-process calls and blocks of HTTP requests alternate,
