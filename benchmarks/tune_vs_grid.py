@@ -3,11 +3,14 @@
 The space is three of `experiments/search_spaces/cnn.yaml`'s parameters: lr and weight decay (log
 scale) and width. The grid takes three values of each (27 points); Optuna searches the box those values
 span (lr and weight decay continuous, width the same three choices), or with `--discrete` only the
-grid's own values. Both use the tune stage's own objective (the one training loop, nested MLflow
-runs). The grid trains every point for the full epochs; Optuna gets at most `--budget` (default 60%)
-of the grid's training epochs, counting the epochs that pruned trials spent. Writes the best-so-far
-curves (best validation accuracy against epochs spent) to `--plot` and the numbers as JSON to
-`--report` (rewritten after each search) and stdout.
+grid's own values. Both use the tune stage's own objective, sampler and pruner (the one training loop,
+nested MLflow runs). The grid trains every point for the full epochs; Optuna gets at most `--budget`
+(default 60%) of the grid's training epochs, counting the epochs that pruned trials spent.
+
+Every search's trials are saved to `--cache-dir` (one JSON file each) and reused on the next call
+(training is seeded), so searches can be added a few at a time; `--jobs N` runs N searches at once in
+worker processes, splitting the CPU cores between them. Writes the best-so-far curves (best validation
+accuracy against epochs spent) to `--plot` and the numbers as JSON to `--report` and stdout.
 
     python benchmarks/tune_vs_grid.py [--epochs 8] [--budget 0.6] [--pruners median hyperband]
 """
@@ -15,9 +18,13 @@ curves (best validation accuracy against epochs spent) to `--plot` and the numbe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
+import multiprocessing
+import os
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import matplotlib
@@ -26,12 +33,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import mlflow
 import optuna
+import torch
 from optuna.distributions import distribution_to_json, json_to_distribution
 
 from pipeline.config import TuneConfig
 from pipeline.data import load_training_set
 from pipeline.train import select_device
-from pipeline.tune import make_objective, make_pruner
+from pipeline.tune import make_objective, make_pruner, make_sampler
 
 SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-subset"
 GRID = {"lr": [0.0005, 0.002, 0.008], "weight_decay": [0.0001, 0.001, 0.01], "width": [16, 32, 48]}
@@ -55,24 +63,38 @@ def curve(study: optuna.Study) -> list[tuple[int, float]]:
     return points
 
 
-def save_trials(study: optuna.Study, path: Path) -> None:
+def save_trials(study: optuna.Study, settings: dict, path: Path) -> None:
     trials = [
         {
             "params": t.params,
             "distributions": {k: distribution_to_json(v) for k, v in t.distributions.items()},
             "value": t.value,
+            "state": t.state.name,
+            "intermediate_values": t.intermediate_values,
             "user_attrs": t.user_attrs,
         }
         for t in study.trials
     ]
-    path.write_text(json.dumps(trials, indent=1))
+    path.write_text(json.dumps({"settings": settings, "trials": trials}, indent=1))
 
 
-def load_trials(path: Path) -> optuna.Study:
-    study = optuna.create_study(direction="maximize", study_name="grid")
-    for t in json.loads(path.read_text()):
+def load_trials(path: Path, settings: dict) -> optuna.Study:
+    saved = json.loads(path.read_text())
+    if saved["settings"] != settings:
+        raise SystemExit(
+            f"{path} was made with {saved['settings']}, not {settings}: "
+            "delete it or pass another --cache-dir."
+        )
+    study = optuna.create_study(direction="maximize", study_name=path.stem)
+    for t in saved["trials"]:
         distributions = {k: json_to_distribution(v) for k, v in t.pop("distributions").items()}
-        study.add_trial(optuna.trial.create_trial(distributions=distributions, **t))
+        state = optuna.trial.TrialState[t.pop("state", "COMPLETE")]
+        steps = {int(k): v for k, v in t.pop("intermediate_values", {}).items()}
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=state, distributions=distributions, intermediate_values=steps, **t
+            )
+        )
     return study
 
 
@@ -97,6 +119,65 @@ def run_search(name, config, space, data, sampler, pruner, budget_epochs=None) -
             callbacks=callbacks,
         )
     return study
+
+
+@dataclasses.dataclass(frozen=True)
+class Search:
+    """One search of the benchmark: the grid (pruner None) or an Optuna search."""
+
+    name: str
+    pruner: str | None = None
+    prune_after_epochs: int = 0
+    sampler_seed: int = 0
+
+
+def cache_settings(search: Search, args: argparse.Namespace) -> dict:
+    """What a saved search depends on besides its name."""
+    settings = {"epochs": args.epochs, "max_train_images": args.max_train_images}
+    if search.pruner is not None:
+        settings |= {"budget": args.budget, "startup_trials": args.startup_trials}
+    return settings
+
+
+def run_cached_search(
+    search: Search, args: argparse.Namespace, threads: int
+) -> list[tuple[int, float]]:
+    """Runs `search` unless its trials are in the cache; returns its best-so-far curve."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    path = args.cache_dir / f"{search.name}.json"
+    if path.is_file():
+        return curve(load_trials(path, cache_settings(search, args)))
+    torch.set_num_threads(threads)
+    config = TuneConfig(
+        model="cnn",
+        data_dir=str(args.subset),
+        epochs=args.epochs,
+        max_train_images=args.max_train_images,
+        pruner=search.pruner or "none",
+        prune_after_epochs=search.prune_after_epochs,
+        sampler_seed=search.sampler_seed,
+        startup_trials=args.startup_trials,
+    )
+    data = load_training_set(args.subset, download=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+        mlflow.set_experiment("tune-vs-grid")
+        if search.pruner is None:
+            sampler = optuna.samplers.GridSampler(GRID, seed=0)
+            study = run_search(search.name, config, GRID_SPACE, data, sampler, make_pruner(config))
+        else:
+            study = run_search(
+                search.name,
+                config,
+                GRID_SPACE if args.discrete else BOX_SPACE,
+                data,
+                make_sampler(config),
+                make_pruner(config),
+                budget_epochs=int(args.budget * GRID_SIZE * args.epochs),
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_trials(study, cache_settings(search, args), path)
+    return curve(study)
 
 
 def search_report(study: optuna.Study, points, grid_best: float, grid_epochs: int) -> dict:
@@ -148,81 +229,70 @@ def main() -> None:
         "--seeds", type=int, nargs="*", default=[0], help="TPE seeds, one search each"
     )
     parser.add_argument(
+        "--startup-trials", type=int, default=4, help="TPE's random start-up trials"
+    )
+    parser.add_argument(
         "--discrete", action="store_true", help="Optuna samples the grid's values only"
     )
-    parser.add_argument("--plot", type=Path, default=Path(__file__).with_name("tune_vs_grid.png"))
-    parser.add_argument("--report", type=Path, default=Path("tune_vs_grid_report.json"))
     parser.add_argument(
         "--pruners", nargs="*", default=["median", "hyperband"], help="pruner[:prune_after_epochs]"
     )
+    parser.add_argument("--jobs", type=int, default=1, help="searches run at once")
     parser.add_argument(
-        "--grid-cache",
+        "--cache-dir",
         type=Path,
-        default=Path(__file__).with_name("tune_vs_grid_grid.json"),
-        help="the grid's trials, saved and reused (training is seeded); delete to rerun",
+        default=Path(__file__).with_name(f"tune_vs_grid_{select_device().type}"),
+        help="every search's trials, saved and reused (training is seeded); delete to rerun",
     )
+    parser.add_argument("--plot", type=Path, default=Path(__file__).with_name("tune_vs_grid.png"))
+    parser.add_argument("--report", type=Path, default=Path("tune_vs_grid_report.json"))
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    grid_epochs = GRID_SIZE * args.epochs
-    space = GRID_SPACE if args.discrete else BOX_SPACE
-    with tempfile.TemporaryDirectory() as tmp:
-        mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
-        mlflow.set_experiment("tune-vs-grid")
-        config = TuneConfig(
-            model="cnn",
-            data_dir=str(args.subset),
-            epochs=args.epochs,
-            max_train_images=args.max_train_images,
+    space = "discrete-" if args.discrete else ""
+    searches = [Search("grid")] + [
+        Search(
+            f"{space}{variant.replace(':', '-')}-seed{seed}",
+            variant.partition(":")[0],
+            int(variant.partition(":")[2] or 0),
+            seed,
         )
-        data = load_training_set(args.subset, download=False)
-        if args.grid_cache.is_file():
-            grid = load_trials(args.grid_cache)
-        else:
-            grid_sampler = optuna.samplers.GridSampler(GRID, seed=0)
-            grid = run_search(
-                "grid", config, GRID_SPACE, data, grid_sampler, optuna.pruners.NopPruner()
-            )
-            save_trials(grid, args.grid_cache)
-        grid_curve = curve(grid)
-        grid_best = grid_curve[-1][1]
-        report = {
-            "device": str(select_device()),
-            "grid_epochs": grid_epochs,
-            "grid_best_val_accuracy": round(grid_best, 4),
-            "grid_best_params": grid.best_params,
-            "optuna_space": "grid values" if args.discrete else "box",
-            "grid": [[t.params, round(t.value, 4)] for t in grid.trials],
-        }
-        curves = {}
-        for variant in args.pruners:
-            pruner, _, after = variant.partition(":")
-            tuned = TuneConfig(
-                **{**config.__dict__, "pruner": pruner, "prune_after_epochs": int(after or 0)}
-            )
-            for seed in args.seeds:
-                study = run_search(
-                    f"optuna-{variant}-seed{seed}",
-                    tuned,
-                    space,
-                    data,
-                    optuna.samplers.TPESampler(seed=seed, n_startup_trials=4),
-                    make_pruner(tuned),
-                    budget_epochs=int(args.budget * grid_epochs),
-                )
-                points = curve(study)
-                key = f"{variant} seed {seed}"
-                report[key] = search_report(study, points, grid_best, grid_epochs)
-                curves[f"Optuna TPE + {variant} pruning, seed {seed}"] = points
-                args.report.write_text(json.dumps(report, indent=1))
+        for variant in args.pruners
+        for seed in args.seeds
+    ]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        curves = list(
+            pool.map(run_cached_search, searches, [args] * len(searches), [threads] * len(searches))
+        )
+    grid_epochs = GRID_SIZE * args.epochs
+    grid = load_trials(args.cache_dir / "grid.json", cache_settings(searches[0], args))
+    grid_best = curves[0][-1][1]
+    report = {
+        "device": str(select_device()),
+        "grid_epochs": grid_epochs,
+        "grid_best_val_accuracy": round(grid_best, 4),
+        "grid_best_params": grid.best_params,
+        "optuna_space": "grid values" if args.discrete else "box",
+        "startup_trials": args.startup_trials,
+        "grid": [[t.params, round(t.value, 4)] for t in grid.trials],
+    }
+    optuna_curves = dict(zip(searches[1:], curves[1:], strict=True))
+    for search, points in optuna_curves.items():
+        study = load_trials(args.cache_dir / f"{search.name}.json", cache_settings(search, args))
+        report[search.name] = search_report(study, points, grid_best, grid_epochs)
+    args.report.write_text(json.dumps(report, indent=1))
     plot_curves(
-        grid_curve,
-        curves,
+        curves[0],
+        {f"Optuna, {search.name}": points for search, points in optuna_curves.items()},
         args.budget,
         grid_epochs,
         f"cnn on the real CIFAR-10 subset, {args.epochs} epochs per trial",
         args.plot,
     )
-    print(json.dumps({k: v for k, v in report.items() if k != "grid"}))
+    summary = {k: v for k, v in report.items() if k != "grid"}
+    for search in searches[1:]:
+        summary[search.name] = {k: v for k, v in report[search.name].items() if k != "trials_run"}
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

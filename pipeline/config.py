@@ -117,6 +117,8 @@ class TuneConfig:
     storage: str | None = None
     study_name: str | None = None
     seed: int = 0
+    sampler_seed: int | None = None
+    startup_trials: int = 10
     n_jobs: int = 1
     pruner: str = "median"
     prune_after_epochs: int = 0
@@ -128,8 +130,10 @@ class TuneConfig:
         check_fraction("val_fraction", self.val_fraction)
         if self.pruner not in ("median", "hyperband", "none"):
             raise ConfigError(f"pruner must be median, hyperband or none, got {self.pruner!r}.")
-        if self.n_trials < 1 or self.epochs < 1 or self.n_jobs < 1:
-            raise ConfigError("n_trials, epochs and n_jobs must each be at least 1.")
+        if self.n_trials < 1 or self.epochs < 1 or self.n_jobs < 1 or self.startup_trials < 1:
+            raise ConfigError(
+                "n_trials, epochs, n_jobs and startup_trials must each be at least 1."
+            )
 
 
 @dataclass

@@ -99,6 +99,14 @@ def make_pruner(config: TuneConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def make_sampler(config: TuneConfig) -> optuna.samplers.TPESampler:
+    """TPE seeded by `sampler_seed`, apart from `seed`: `seed` fixes the validation split and the
+    initialization, which every worker of one study must share for its trials to be comparable,
+    while each worker needs its own sampler seed or they would propose the same start-up trials."""
+    seed = config.seed if config.sampler_seed is None else config.sampler_seed
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.startup_trials)
+
+
 def open_study(config: TuneConfig, storage_url: str) -> optuna.Study:
     """Create or resume the study; heartbeats let a killed worker's trial be retried."""
     storage = RDBStorage(
@@ -111,7 +119,7 @@ def open_study(config: TuneConfig, storage_url: str) -> optuna.Study:
         study_name=config.study_name or f"{config.model}-tune",
         storage=storage,
         direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=config.seed),
+        sampler=make_sampler(config),
         pruner=make_pruner(config),
         load_if_exists=True,
     )
@@ -172,9 +180,10 @@ def make_objective(config: TuneConfig, space: Mapping, data: ImageSet, parent_ru
             epochs_spent = [0]
 
             def report(epoch: int, metrics: dict[str, float]) -> None:
+                # After the last epoch pruning saves nothing and would throw the result away.
                 epochs_spent[0] = epoch + 1
                 trial.report(metrics["val_accuracy"], epoch)
-                if trial.should_prune():
+                if epoch + 1 < train_config.epochs and trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
 
             try:

@@ -37,6 +37,7 @@ def test_tiny_study_end_to_end(tracking, tmp_path, space):
     config = TuneConfig(
         **TINY,
         n_trials=8,
+        prune_after_epochs=2,
         storage=storage,
         study_name="tiny",
         search_space=space,
@@ -75,6 +76,23 @@ def test_tiny_study_end_to_end(tracking, tmp_path, space):
     study = optuna.load_study(study_name="tiny", storage=storage)
     assert len([t for t in study.trials if t.state.is_finished()]) == 10
     assert len(nested_runs(resumed.run_id, tracking)) == 2
+
+
+def test_no_trial_is_pruned_after_its_last_epoch(tracking, tmp_path, space):
+    """Judged only at the final epoch, pruning would save nothing and discard finished results."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    config = TuneConfig(
+        **{**TINY, "epochs": 2},
+        n_trials=7,
+        prune_after_epochs=2,
+        storage=storage,
+        search_space=space,
+        experiment_name=tracking,
+    )
+    run_tune(config)
+    trials = optuna.load_study(study_name="cnn-tune", storage=storage).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 7
+    assert all(t.user_attrs["epochs_spent"] == 2 for t in trials)
 
 
 def test_unknown_search_space_parameter_is_refused(tracking, tmp_path):
@@ -125,7 +143,7 @@ def test_two_workers_share_one_postgres_study(tracking, space, tmp_path):
     ]
     workers = [
         subprocess.Popen(
-            [*command, "--seed", str(seed)],
+            [*command, "--sampler-seed", str(seed)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -147,4 +165,6 @@ def test_two_workers_share_one_postgres_study(tracking, space, tmp_path):
     )
     logged = sorted(int(n) for n in children["tags.optuna_trial"])
     assert logged == sorted(numbers)
+    # Every trial is judged on the same validation split, whichever worker ran it.
+    assert set(children["params.seed"]) == {"0"}
     optuna.delete_study(study_name=study_name, storage=POSTGRES_URL)
