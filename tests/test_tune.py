@@ -32,17 +32,21 @@ def nested_runs(parent_run_id: str, experiment: str):
     )
 
 
-def test_tiny_study_end_to_end(tracking, tmp_path, space):
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    config = TuneConfig(
-        **TINY,
-        n_trials=8,
-        prune_after_epochs=2,
-        storage=storage,
-        study_name="tiny",
-        search_space=space,
-        experiment_name=tracking,
+@pytest.fixture
+def storage(tmp_path):
+    return f"sqlite:///{tmp_path / 'optuna.db'}"
+
+
+@pytest.fixture
+def tiny(tracking, storage, space):
+    """A tiny study's config: real MLflow and Optuna storage in the test's temp dir."""
+    return lambda **fields: TuneConfig(
+        **(TINY | {"storage": storage, "search_space": space, "experiment_name": tracking} | fields)
     )
+
+
+def test_tiny_study_end_to_end(tracking, tmp_path, storage, tiny):
+    config = tiny(n_trials=8, prune_after_epochs=2, study_name="tiny")
     result = run_tune(config)
     study = optuna.load_study(study_name="tiny", storage=storage)
     finished = [t for t in study.trials if t.state.is_finished()]
@@ -78,18 +82,9 @@ def test_tiny_study_end_to_end(tracking, tmp_path, space):
     assert len(nested_runs(resumed.run_id, tracking)) == 2
 
 
-def test_no_trial_is_pruned_after_its_last_epoch(tracking, tmp_path, space):
+def test_no_trial_is_pruned_after_its_last_epoch(storage, tiny):
     """Judged only at the final epoch, pruning would save nothing and discard finished results."""
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    config = TuneConfig(
-        **{**TINY, "epochs": 2},
-        n_trials=7,
-        prune_after_epochs=2,
-        storage=storage,
-        search_space=space,
-        experiment_name=tracking,
-    )
-    run_tune(config)
+    run_tune(tiny(epochs=2, n_trials=7, prune_after_epochs=2))
     trials = optuna.load_study(study_name="cnn-tune", storage=storage).trials
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 7
     assert all(t.user_attrs["epochs_spent"] == 2 for t in trials)
