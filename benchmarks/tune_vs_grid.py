@@ -88,8 +88,8 @@ def load_trials(path: Path, settings: dict) -> optuna.Study:
     study = optuna.create_study(direction="maximize", study_name=path.stem)
     for t in saved["trials"]:
         distributions = {k: json_to_distribution(v) for k, v in t.pop("distributions").items()}
-        state = optuna.trial.TrialState[t.pop("state", "COMPLETE")]
-        steps = {int(k): v for k, v in t.pop("intermediate_values", {}).items()}
+        state = optuna.trial.TrialState[t.pop("state")]
+        steps = {int(k): v for k, v in t.pop("intermediate_values").items()}
         study.add_trial(
             optuna.trial.create_trial(
                 state=state, distributions=distributions, intermediate_values=steps, **t
