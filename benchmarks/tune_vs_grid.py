@@ -139,14 +139,12 @@ def cache_settings(search: Search, args: argparse.Namespace) -> dict:
     return settings
 
 
-def run_cached_search(
-    search: Search, args: argparse.Namespace, threads: int
-) -> list[tuple[int, float]]:
-    """Runs `search` unless its trials are in the cache; returns its best-so-far curve."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+def run_cached_search(search: Search, args: argparse.Namespace, threads: int) -> None:
+    """Runs `search` and saves its trials, unless the cache already holds them."""
     path = args.cache_dir / f"{search.name}.json"
     if path.is_file():
-        return curve(load_trials(path, cache_settings(search, args)))
+        return
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(threads)
     config = TuneConfig(
         model="cnn",
@@ -177,7 +175,6 @@ def run_cached_search(
             )
     path.parent.mkdir(parents=True, exist_ok=True)
     save_trials(study, cache_settings(search, args), path)
-    return curve(study)
 
 
 def search_report(study: optuna.Study, points, grid_best: float, grid_epochs: int) -> dict:
@@ -248,10 +245,10 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=Path("tune_vs_grid_report.json"))
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    space = "discrete-" if args.discrete else ""
+    prefix = "discrete-" if args.discrete else ""
     searches = [Search("grid")] + [
         Search(
-            f"{space}{variant.replace(':', '-')}-seed{seed}",
+            f"{prefix}{variant.replace(':', '-')}-seed{seed}",
             variant.partition(":")[0],
             int(variant.partition(":")[2] or 0),
             seed,
@@ -261,12 +258,17 @@ def main() -> None:
     ]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        curves = list(
+        list(
             pool.map(run_cached_search, searches, [args] * len(searches), [threads] * len(searches))
         )
+    studies = {
+        search: load_trials(args.cache_dir / f"{search.name}.json", cache_settings(search, args))
+        for search in searches
+    }
+    grid = studies.pop(searches[0])
+    grid_curve = curve(grid)
     grid_epochs = GRID_SIZE * args.epochs
-    grid = load_trials(args.cache_dir / "grid.json", cache_settings(searches[0], args))
-    grid_best = curves[0][-1][1]
+    grid_best = grid_curve[-1][1]
     report = {
         "device": str(select_device()),
         "grid_epochs": grid_epochs,
@@ -276,13 +278,12 @@ def main() -> None:
         "startup_trials": args.startup_trials,
         "grid": [[t.params, round(t.value, 4)] for t in grid.trials],
     }
-    optuna_curves = dict(zip(searches[1:], curves[1:], strict=True))
-    for search, points in optuna_curves.items():
-        study = load_trials(args.cache_dir / f"{search.name}.json", cache_settings(search, args))
-        report[search.name] = search_report(study, points, grid_best, grid_epochs)
+    optuna_curves = {search: curve(study) for search, study in studies.items()}
+    for search, study in studies.items():
+        report[search.name] = search_report(study, optuna_curves[search], grid_best, grid_epochs)
     args.report.write_text(json.dumps(report, indent=1))
     plot_curves(
-        curves[0],
+        grid_curve,
         {f"Optuna, {search.name}": points for search, points in optuna_curves.items()},
         args.budget,
         grid_epochs,
@@ -290,7 +291,7 @@ def main() -> None:
         args.plot,
     )
     summary = {k: v for k, v in report.items() if k != "grid"}
-    for search in searches[1:]:
+    for search in studies:
         summary[search.name] = {k: v for k, v in report[search.name].items() if k != "trials_run"}
     print(json.dumps(summary))
 
