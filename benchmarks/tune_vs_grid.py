@@ -23,6 +23,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import statistics
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -139,6 +140,17 @@ def cache_settings(search: Search, args: argparse.Namespace) -> dict:
     return settings
 
 
+def benchmark_config(args: argparse.Namespace, **fields) -> TuneConfig:
+    return TuneConfig(
+        model="cnn",
+        data_dir=str(args.subset),
+        epochs=args.epochs,
+        max_train_images=args.max_train_images,
+        startup_trials=args.startup_trials,
+        **fields,
+    )
+
+
 def run_cached_search(search: Search, args: argparse.Namespace, threads: int) -> None:
     """Runs `search` and saves its trials, unless the cache already holds them."""
     path = args.cache_dir / f"{search.name}.json"
@@ -146,15 +158,11 @@ def run_cached_search(search: Search, args: argparse.Namespace, threads: int) ->
         return
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(threads)
-    config = TuneConfig(
-        model="cnn",
-        data_dir=str(args.subset),
-        epochs=args.epochs,
-        max_train_images=args.max_train_images,
+    config = benchmark_config(
+        args,
         pruner=search.pruner or "none",
         prune_after_epochs=search.prune_after_epochs,
         sampler_seed=search.sampler_seed,
-        startup_trials=args.startup_trials,
     )
     data = load_training_set(args.subset, download=False)
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,6 +183,94 @@ def run_cached_search(search: Search, args: argparse.Namespace, threads: int) ->
             )
     path.parent.mkdir(parents=True, exist_ok=True)
     save_trials(study, cache_settings(search, args), path)
+
+
+def search_pick(study: optuna.Study, budget_epochs: int) -> optuna.trial.FrozenTrial:
+    """The configuration a search hands on: its best trial that completed within the budget."""
+    spent, best = 0, None
+    for trial in sorted(study.trials, key=lambda t: t.number):
+        spent += trial.user_attrs.get("epochs_spent", 0)
+        if spent > budget_epochs:
+            break
+        if trial.state == optuna.trial.TrialState.COMPLETE and (
+            best is None or trial.value > best.value
+        ):
+            best = trial
+    return best
+
+
+def rescore_key(params: dict, seed: int) -> str:
+    return json.dumps({"params": params, "seed": seed}, sort_keys=True)
+
+
+def rescore(picks: list[dict], seed: int, args: argparse.Namespace, threads: int) -> dict:
+    """Retrains every pick for the full epochs, unpruned, with `seed`: a validation split and an
+    initialization that no search saw, so the pick's score is not the luck it was picked for."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    torch.set_num_threads(threads)
+    config = benchmark_config(args, seed=seed, pruner="none")
+    data = load_training_set(args.subset, download=False)
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(config))
+    for params in picks:
+        study.enqueue_trial(params)
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+        mlflow.set_experiment("tune-vs-grid-rescore")
+        with mlflow.start_run(run_name=f"rescore-seed{seed}") as parent:
+            objective = make_objective(config, BOX_SPACE, data, parent.info.run_id)
+            study.optimize(objective, n_trials=len(picks))
+    return {rescore_key(t.params, seed): t.value for t in study.trials}
+
+
+def rescore_cached(picks: list[dict], args: argparse.Namespace, pool, threads: int) -> dict:
+    """Every pick's validation accuracy under each of `--rescore-seeds`, trained where not cached.
+
+    Kept per device beside the searches: a search's picks may be retrained on another machine."""
+    path = args.cache_dir / f"rescore-{select_device().type}.json"
+    settings = {"epochs": args.epochs, "max_train_images": args.max_train_images}
+    saved = json.loads(path.read_text()) if path.is_file() else {"settings": settings, "runs": {}}
+    if saved["settings"] != settings:
+        raise SystemExit(f"{path} was made with {saved['settings']}, not {settings}: delete it.")
+    runs = saved["runs"]
+    todo = {
+        seed: [p for p in picks if rescore_key(p, seed) not in runs] for seed in args.rescore_seeds
+    }
+    todo = {seed: missing for seed, missing in todo.items() if missing}
+    for done in pool.map(
+        rescore, todo.values(), todo.keys(), [args] * len(todo), [threads] * len(todo)
+    ):
+        runs |= done
+    if todo:
+        path.write_text(json.dumps(saved, indent=1))
+    return runs
+
+
+def rescore_report(
+    picks: dict[str, optuna.trial.FrozenTrial], runs: dict, seeds: list[int]
+) -> dict:
+    """Each search's pick retrained with fresh seeds, and its paired difference to the grid's pick."""
+    scores = {
+        name: [runs[rescore_key(pick.params, seed)] for seed in seeds]
+        for name, pick in picks.items()
+    }
+    grid_scores = scores["grid"]
+    report = {}
+    for name, values in scores.items():
+        entry = {
+            "params": picks[name].params,
+            "search_val_accuracy": round(picks[name].value, 4),
+            "per_seed": dict(zip(seeds, values, strict=True)),
+            "mean": round(statistics.fmean(values), 4),
+        }
+        if name != "grid":
+            diffs = [v - g for v, g in zip(values, grid_scores, strict=True)]
+            entry["minus_grid_mean"] = round(statistics.fmean(diffs), 4)
+            if len(diffs) > 1:
+                entry["minus_grid_standard_error"] = round(
+                    statistics.stdev(diffs) / len(diffs) ** 0.5, 4
+                )
+        report[name] = entry
+    return report
 
 
 def search_report(study: optuna.Study, points, grid_best: float, grid_epochs: int) -> dict:
@@ -216,6 +312,24 @@ def plot_curves(
     figure.savefig(path, dpi=120)
 
 
+def plot_rescored(rescored: dict, path: Path) -> None:
+    """Each pick's accuracy in its search beside its accuracies when retrained with fresh seeds."""
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for x, entry in enumerate(rescored.values()):
+        fresh = list(entry["per_seed"].values())
+        axis.scatter([x] * len(fresh), fresh, color="tab:blue", alpha=0.5, s=15)
+        axis.scatter(x, entry["mean"], color="tab:blue", marker="_", s=400)
+        axis.scatter(x, entry["search_val_accuracy"], color="tab:red", marker="*", s=80)
+    axis.scatter([], [], color="tab:red", marker="*", label="in its search (the best of many runs)")
+    axis.scatter([], [], color="tab:blue", s=15, label="retrained with a fresh seed (bar: mean)")
+    axis.set_xticks(range(len(rescored)), [f"{name}'s pick" for name in rescored])
+    axis.set_ylabel("validation accuracy")
+    axis.set_title("each search's chosen configuration, retrained")
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--subset", type=Path, default=SUBSET)
@@ -234,7 +348,14 @@ def main() -> None:
     parser.add_argument(
         "--pruners", nargs="*", default=["median", "hyperband"], help="pruner[:prune_after_epochs]"
     )
-    parser.add_argument("--jobs", type=int, default=1, help="searches run at once")
+    parser.add_argument(
+        "--rescore-seeds",
+        type=int,
+        nargs="*",
+        default=[1, 2, 3, 4],
+        help="retrain each search's pick with these seeds (new split and initialization)",
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="searches or rescorings run at once")
     parser.add_argument(
         "--cache-dir",
         type=Path,
@@ -257,17 +378,28 @@ def main() -> None:
         for seed in args.seeds
     ]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    grid_epochs = GRID_SIZE * args.epochs
+    budget_epochs = int(args.budget * grid_epochs)
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(
             pool.map(run_cached_search, searches, [args] * len(searches), [threads] * len(searches))
         )
-    studies = {
-        search: load_trials(args.cache_dir / f"{search.name}.json", cache_settings(search, args))
-        for search in searches
-    }
+        studies = {
+            search: load_trials(
+                args.cache_dir / f"{search.name}.json", cache_settings(search, args)
+            )
+            for search in searches
+        }
+        picks = {
+            search.name: search_pick(study, grid_epochs if search.pruner is None else budget_epochs)
+            for search, study in studies.items()
+        }
+        unique_picks = list(
+            {json.dumps(p.params, sort_keys=True): p.params for p in picks.values()}.values()
+        )
+        rescored = rescore_cached(unique_picks, args, pool, threads)
     grid = studies.pop(searches[0])
     grid_curve = curve(grid)
-    grid_epochs = GRID_SIZE * args.epochs
     grid_best = grid_curve[-1][1]
     report = {
         "device": str(select_device()),
@@ -278,6 +410,9 @@ def main() -> None:
         "startup_trials": args.startup_trials,
         "grid": [[t.params, round(t.value, 4)] for t in grid.trials],
     }
+    if args.rescore_seeds:
+        report["rescored"] = rescore_report(picks, rescored, args.rescore_seeds)
+        plot_rescored(report["rescored"], args.plot.with_name(f"{args.plot.stem}_rescored.png"))
     optuna_curves = {search: curve(study) for search, study in studies.items()}
     for search, study in studies.items():
         report[search.name] = search_report(study, optuna_curves[search], grid_best, grid_epochs)

@@ -187,8 +187,10 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
         model.load_state_dict(state)
         return model.eval()
 
-    # model_input is left unannotated: MLflow would otherwise derive the signature from the hint.
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    # MLflow infers no signature from a DataFrame hint; the logged signature stays the explicit one.
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if IMAGE_COLUMN not in frame.columns:
             raise InvalidImageError(
