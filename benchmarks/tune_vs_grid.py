@@ -12,6 +12,11 @@ Every search's trials are saved to `--cache-dir` (one JSON file each) and reused
 worker processes, splitting the CPU cores between them. Writes the best-so-far curves (best validation
 accuracy against epochs spent) to `--plot` and the numbers as JSON to `--report` and stdout.
 
+A search's best value is the best of many noisy runs, so it flatters its configuration. Each search's
+pick is therefore also retrained with `--rescore-seeds` (fresh validation splits and
+initializations, cached in `rescore-<device>.json`) and compared with the grid's pick seed by seed;
+that plot goes beside `--plot` as `<name>_rescored.png`.
+
     python benchmarks/tune_vs_grid.py [--epochs 8] [--budget 0.6] [--pruners median hyperband]
 """
 
