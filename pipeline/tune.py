@@ -20,7 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import mlflow
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+import sqlalchemy.exc
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
@@ -107,14 +108,29 @@ def make_sampler(config: TuneConfig) -> optuna.samplers.TPESampler:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.startup_trials)
 
 
+def open_storage(storage_url: str, attempts: int = 5) -> RDBStorage:
+    """Optuna's storage; heartbeats let a killed worker's trial be retried.
+
+    Workers started together on an empty database all create Optuna's tables at once, and all but one
+    fail on a duplicate key (PostgreSQL); the DDL rolls back, so the losers retry and find the tables.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return RDBStorage(
+                storage_url,
+                heartbeat_interval=30,
+                grace_period=90,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+            )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == attempts:
+                raise
+            time.sleep(0.5 * attempt)
+
+
 def open_study(config: TuneConfig, storage_url: str) -> optuna.Study:
-    """Create or resume the study; heartbeats let a killed worker's trial be retried."""
-    storage = RDBStorage(
-        storage_url,
-        heartbeat_interval=30,
-        grace_period=90,
-        failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
-    )
+    """Create or resume the study."""
+    storage = open_storage(storage_url)
     return optuna.create_study(
         study_name=config.study_name or f"{config.model}-tune",
         storage=storage,

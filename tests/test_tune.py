@@ -107,8 +107,25 @@ def postgres_available() -> bool:
         return False
 
 
+@pytest.fixture
+def empty_postgres_database():
+    """A new, empty PostgreSQL database (dropped afterwards), as on a team's first day."""
+    import sqlalchemy
+
+    name = f"optuna_test_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    yield sqlalchemy.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as connection:
+        connection.execute(sqlalchemy.text(f"DROP DATABASE {name} WITH (FORCE)"))
+    admin.dispose()
+
+
 @pytest.mark.skipif(not postgres_available(), reason=f"PostgreSQL not reachable at {POSTGRES_URL}")
-def test_two_workers_share_one_postgres_study(tracking, space, tmp_path):
+def test_two_workers_share_one_postgres_study(tracking, space, empty_postgres_database):
+    """Both workers start at once on an empty database, so both try to create Optuna's tables."""
+    storage = empty_postgres_database
     study_name = f"shared-{uuid.uuid4().hex[:8]}"
     command = [
         sys.executable,
@@ -126,7 +143,7 @@ def test_two_workers_share_one_postgres_study(tracking, space, tmp_path):
         "--n-trials",
         "8",
         "--storage",
-        POSTGRES_URL,
+        storage,
         "--study-name",
         study_name,
         "--search-space",
@@ -147,7 +164,7 @@ def test_two_workers_share_one_postgres_study(tracking, space, tmp_path):
     ]
     for worker in workers:
         assert worker.wait(timeout=600) == 0, worker.stderr.read()
-    study = optuna.load_study(study_name=study_name, storage=POSTGRES_URL)
+    study = optuna.load_study(study_name=study_name, storage=storage)
     numbers = [t.number for t in study.trials]
     assert len(numbers) == len(set(numbers)) and len(numbers) >= 6
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
@@ -162,4 +179,3 @@ def test_two_workers_share_one_postgres_study(tracking, space, tmp_path):
     assert logged == sorted(numbers)
     # Every trial is judged on the same validation split, whichever worker ran it.
     assert set(children["params.seed"]) == {"0"}
-    optuna.delete_study(study_name=study_name, storage=POSTGRES_URL)
