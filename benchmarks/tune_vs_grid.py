@@ -30,6 +30,7 @@ import multiprocessing
 import os
 import statistics
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -58,11 +59,18 @@ BOX_SPACE = {
 GRID_SIZE = len(list(itertools.product(*GRID.values())))
 
 
-def curve(study: optuna.Study) -> list[tuple[int, float]]:
-    """(epochs spent so far, best completed-trial validation accuracy so far) after each trial."""
-    spent, best, points = 0, 0.0, []
+def with_epochs_spent(study: optuna.Study) -> Iterator[tuple[int, optuna.trial.FrozenTrial]]:
+    """Each trial in the order it ran, with the training epochs spent once it had finished."""
+    spent = 0
     for trial in sorted(study.trials, key=lambda t: t.number):
         spent += trial.user_attrs.get("epochs_spent", 0)
+        yield spent, trial
+
+
+def curve(study: optuna.Study) -> list[tuple[int, float]]:
+    """(epochs spent so far, best completed-trial validation accuracy so far) after each trial."""
+    best, points = 0.0, []
+    for spent, trial in with_epochs_spent(study):
         if trial.state == optuna.trial.TrialState.COMPLETE:
             best = max(best, trial.value)
         points.append((spent, best))
@@ -192,9 +200,8 @@ def run_cached_search(search: Search, args: argparse.Namespace, threads: int) ->
 
 def search_pick(study: optuna.Study, budget_epochs: int) -> optuna.trial.FrozenTrial:
     """The configuration a search hands on: its best trial that completed within the budget."""
-    spent, best = 0, None
-    for trial in sorted(study.trials, key=lambda t: t.number):
-        spent += trial.user_attrs.get("epochs_spent", 0)
+    best = None
+    for spent, trial in with_epochs_spent(study):
         if spent > budget_epochs:
             break
         if trial.state == optuna.trial.TrialState.COMPLETE and (
