@@ -1,73 +1,79 @@
-"""Training images per second of every architecture through the one training loop.
+"""Training images per second of every architecture, through `fit()` itself: what users run.
 
-Times `train_one_epoch` (forward, backward, optimizer step, on-device augmentation) after one warm-up
-epoch, on synthetic 32x32 images, on the device training picks (CUDA when present), with the
-model's default recipe from experiments/<model>.yaml.
+Each model trains with its recipe from experiments/<model>.yaml on synthetic 32x32 images, on the
+device training picks (CUDA when present); `fit()` reports `images_per_second` for every epoch (the
+training pass alone, validation excluded). The first epoch is a warm-up and is not counted.
+Fine-tuned models freeze their features for the first half of the epochs and are reported per phase,
+so the frozen phase really is frozen (only the head trains) as in a real run.
 
-    python benchmarks/train_throughput.py [--images 512] [--models cnn resnet18 ...] [--compile]
+    python benchmarks/train_throughput.py [--images 512] [--epochs 4] [--models cnn resnet18 ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
-from torch import nn
 
 from pipeline.config import resolve_train_config
-from pipeline.models import model_names
-from pipeline.train import make_optimizer, make_scheduler, prepare_training, train_one_epoch
+from pipeline.data import make_synthetic
+from pipeline.models import get_spec, model_names
+from pipeline.train import fit, prepare_training
 
 
-def measure(name: str, images: int, batch_size: int, compile_model: bool) -> dict:
+def measure(name: str, images: int, batch_size: int, epochs: int, compile_model: bool) -> dict:
     config = resolve_train_config(
         {
             "model": name,
             "pretrained": False,
             "batch_size": batch_size,
-            "data_dir": "synthetic",
-            "max_train_images": images,
+            "epochs": epochs,
+            "freeze_epochs": epochs // 2,
+            "compile": compile_model,
+            "val_fraction": 0.1,
         }
     )
-    prepared = prepare_training(config)
-    model, batches, device = prepared.model, prepared.train_batches, prepared.device
-    on_cuda = device.type == "cuda"
-    step_model = torch.compile(model) if compile_model else model
-    optimizer = make_optimizer(model, config, config.lr)
-    scheduler = make_scheduler(optimizer, config, config.lr, 10 * len(batches))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    train_one_epoch(step_model, batches, optimizer, scheduler, loss_fn, epoch=0)
-    if on_cuda:
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    epochs = 3
-    for epoch in range(1, epochs + 1):
-        batches.set_epoch(epoch)
-        train_one_epoch(step_model, batches, optimizer, scheduler, loss_fn, epoch)
-    if on_cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
+    prepared = prepare_training(config, make_synthetic(int(images / 0.9) + 10, seed=0))
+    state = fit(
+        prepared.model,
+        name,
+        prepared.train_batches,
+        prepared.val_batches,
+        config,
+    )
+    speeds = [epoch["images_per_second"] for epoch in state.history]
+    phases = {"all": speeds[1:]}
+    if get_spec(name).unfreeze_after_freeze_epochs:
+        phases = {"frozen": speeds[1 : epochs // 2], "unfrozen": speeds[epochs // 2 + 1 :]}
+    on_cuda = prepared.device.type == "cuda"
     return {
         "model": name,
         "device": torch.cuda.get_device_name()
         if on_cuda
         else f"cpu ({torch.get_num_threads()} threads)",
         "batch_size": batch_size,
-        "images_per_second": round(epochs * batches.num_images / seconds, 1),
+        "train_images": len(prepared.splits.train),
+        "compile": compile_model,
+        **{
+            f"images_per_second_{phase}": round(sum(values) / len(values), 1)
+            for phase, values in phases.items()
+            if values
+        },
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--models", nargs="*", default=model_names())
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
     for name in args.models:
-        print(json.dumps(measure(name, args.images, args.batch_size, args.compile)), flush=True)
+        result = measure(name, args.images, args.batch_size, args.epochs, args.compile)
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

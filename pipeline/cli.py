@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,6 +18,7 @@ from pipeline.config import (
     EvaluateConfig,
     PreprocessConfig,
     PromoteConfig,
+    ServeConfig,
     TrainConfig,
     TuneConfig,
     build_config,
@@ -32,8 +32,14 @@ CONFIGS: dict[str, type] = {
     "evaluate": EvaluateConfig,
     "tune": TuneConfig,
     "promote": PromoteConfig,
+    "serve": ServeConfig,
 }
-MAIN_OPTIONS = (*(f.name for f in dataclasses.fields(TrainConfig)), "force_rerun")
+# `main` takes what `train` takes (but resuming, which is one run's business) and force_rerun.
+MAIN_EXTRA = {"force_rerun": False}
+MAIN_OPTIONS = (
+    *(f.name for f in dataclasses.fields(TrainConfig) if f.name != "resume_run_id"),
+    *MAIN_EXTRA,
+)
 
 
 def given(value: str) -> str | None:
@@ -50,11 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     stages = parser.add_subparsers(dest="stage", required=True)
     for stage, config_class in CONFIGS.items():
         add_options(stages.add_parser(stage), [f.name for f in dataclasses.fields(config_class)])
-    serve = stages.add_parser("serve", help="mlflow models serve, with the project's defaults")
-    serve.add_argument("--model-uri", default="models:/cifar10-resnet@champion")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", default="5001")
-    serve.add_argument("--workers", default="1")
     add_options(
         stages.add_parser("main", help="preprocess -> train -> evaluate -> promote"), MAIN_OPTIONS
     )
@@ -74,16 +75,13 @@ STAGES: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
     "evaluate": (lambda o: build_config(EvaluateConfig, o), "pipeline.evaluate:run_evaluate"),
     "tune": (lambda o: build_config(TuneConfig, o), "pipeline.tune:run_tune"),
     "promote": (lambda o: build_config(PromoteConfig, o), "registry.promote:run_promote"),
+    "serve": (lambda o: build_config(ServeConfig, o), "registry.server:run_serve"),
     "main": (dict, "pipeline.workflow:run_main"),
 }
 
 
 def dispatch(args: argparse.Namespace) -> None:
     """Build the stage's config, then import the stage (lazily, so --help and bad input answer fast)."""
-    if args.stage == "serve":
-        from registry.server import serve_command
-
-        sys.exit(subprocess.call(serve_command(args.model_uri, args.host, args.port, args.workers)))
     make_config, target = STAGES[args.stage]
     config = make_config(given_options(args))
     module, function = target.split(":")

@@ -32,6 +32,7 @@ class PreprocessConfig:
     val_fraction: float = 0.1
     seed: int = 0
     download: bool = True
+    skip_bad_images: bool = False
     experiment_name: str | None = None
 
     def __post_init__(self) -> None:
@@ -46,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     max_train_images: int = 0
     download: bool = True
+    skip_bad_images: bool = False
     epochs: int = 20
     batch_size: int = 128
     eval_batch_size: int = 512
@@ -70,6 +72,7 @@ class TrainConfig:
     freeze_epochs: int = 0
     finetune_lr_factor: float = 0.1
     compile: bool = False
+    checkpoint_seconds: float = 60.0
     resume_run_id: str | None = None
     experiment_name: str | None = None
     config: str | None = None
@@ -97,6 +100,7 @@ class EvaluateConfig:
     tta: bool = False
     gradcam_per_class: int = 2
     download: bool = True
+    skip_bad_images: bool = False
     experiment_name: str | None = None
 
     def __post_init__(self) -> None:
@@ -113,6 +117,7 @@ class TuneConfig:
     epochs: int = 10
     max_train_images: int = 0
     data_dir: str = "data"
+    skip_bad_images: bool = False
     val_fraction: float = 0.1
     storage: str | None = None
     study_name: str | None = None
@@ -143,11 +148,20 @@ class PromoteConfig:
     candidate_experiment: str | None = None
     architectures: list[str] = field(default_factory=lambda: ["resnet18", "resnet18_pretrained"])
     min_delta: float = 0.0
+    min_accuracy: float = 0.0
     alpha: float = 0.05
     force: bool = False
     rollback: bool = False
     batch_size: int = 500
     experiment_name: str | None = None
+
+
+@dataclass
+class ServeConfig:
+    model_uri: str = "models:/cifar10-resnet@champion"
+    host: str = "127.0.0.1"
+    port: int = 5001
+    workers: int = 1
 
 
 def check_fraction(name: str, value: float) -> None:

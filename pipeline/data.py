@@ -1,190 +1,45 @@
-"""CIFAR-10 sources, splits and normalization statistics.
+"""Where images come from, chosen in one place from `data_dir`, and how they are split.
 
-Three sources, chosen by `data_dir`:
-- a directory in the official python layout (`cifar-10-batches-py/data_batch_1..5`, `test_batch`,
-  `batches.meta`), complete or partial; it is read as it is, without a checksum check;
-- the same directory downloaded from the official URL when it is missing (md5 verified);
+Readers, each yielding the same `ImageSet` (uint8 NHWC, labels, class names, source, content digest):
+- an image-folder tree or an archive of one (`pipeline/image_folder.py`);
+- a directory in the official python layout, complete or partial, read without a checksum check,
+  or else the official archive downloaded into it, md5 verified (`pipeline/cifar_batches.py`);
 - `synthetic`: a small generated set that a network can learn, for tests and demos.
 
-Images are kept as uint8 arrays of shape (N, 32, 32, 3) in RGB order; labels as int64.
+What a reader could not use (an unreadable file, an empty class folder, a test class that training
+never saw) stops the caller with the list, unless it asked to skip bad images.
 """
 
 from __future__ import annotations
 
 import hashlib
-import pickle
-import tarfile
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from pipeline.errors import PipelineError
-
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-BATCH_DIR = "cifar-10-batches-py"
-TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
-TEST_BATCH = "test_batch"
-META_FILE = "batches.meta"
-SYNTHETIC = "synthetic"
-CLASS_NAMES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
+from pipeline.cifar_batches import (
+    CLASS_NAMES,
+    META_FILE,
+    TEST_BATCH,
+    TRAIN_BATCHES,
+    DataIntegrityError,
+    DataUnavailableError,
+    find_batch_dir,
+    load_cifar_batches,
+    locate_batches,
 )
-IMAGE_SHAPE = (32, 32, 3)
+from pipeline.image_folder import is_archive, looks_like_image_folder, read_image_folder
+from pipeline.imaging import IMAGE_SHAPE, ImageSet
+
+SYNTHETIC = "synthetic"
+SYNTHETIC_SIZES = {"train": 3000, "test": 1000}
+SHOWN_PROBLEMS = 5
 
 
-class DataUnavailableError(PipelineError):
-    """The data is not where it was looked for and could not be fetched; the message says what to do."""
-
-
-class DataIntegrityError(PipelineError):
-    """A batch file exists but is unreadable or malformed."""
-
-
-@dataclass
-class ImageSet:
-    images: np.ndarray
-    labels: np.ndarray
-    class_names: tuple[str, ...]
-    source: str
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, index: np.ndarray) -> ImageSet:
-        return ImageSet(self.images[index], self.labels[index], self.class_names, self.source)
-
-
-def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One official batch file as (images NHWC uint8, labels int64), checked for shape and range."""
-    try:
-        with path.open("rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-        data = np.asarray(entry["data"])
-        labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
-    except Exception as error:
-        raise DataIntegrityError(
-            f"{path} is not a readable CIFAR-10 batch ({type(error).__name__}: {error}). "
-            "Delete it and download again, or replace it with an official batch file."
-        ) from error
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise DataIntegrityError(
-            f"{path}: expected uint8 data of shape (N, 3072), got {data.dtype} {data.shape}."
-        )
-    if len(labels) != len(data):
-        raise DataIntegrityError(f"{path}: {len(data)} images but {len(labels)} labels.")
-    if len(labels) and (labels.min() < 0 or labels.max() > 9):
-        raise DataIntegrityError(f"{path}: labels outside 0..9 ({labels.min()}..{labels.max()}).")
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
-
-
-def write_batch(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    """The inverse of `read_batch`: a protocol-2 pickle with channel-major rows, as the official files."""
-    data = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).reshape(len(images), -1)
-    entry = {"batch_label": path.name, "labels": [int(v) for v in labels], "data": data}
-    with path.open("wb") as f:
-        pickle.dump(entry, f, protocol=2)
-
-
-def write_meta(batch_dir: Path, class_names: tuple[str, ...] = CLASS_NAMES) -> None:
-    with (batch_dir / META_FILE).open("wb") as f:
-        pickle.dump({"label_names": list(class_names)}, f, protocol=2)
-
-
-def read_class_names(batch_dir: Path) -> tuple[str, ...]:
-    meta = batch_dir / META_FILE
-    if not meta.is_file():
-        return CLASS_NAMES
-    with meta.open("rb") as f:
-        names = pickle.load(f, encoding="latin1")["label_names"]
-    return tuple(names)
-
-
-def load_cifar_batches(batch_dir: Path, names: tuple[str, ...]) -> ImageSet:
-    """Concatenate whichever of `names` exist in `batch_dir` (partial sets are fine)."""
-    present = [batch_dir / name for name in names if (batch_dir / name).is_file()]
-    parts = [read_batch(path) for path in present]
-    images = (
-        np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, *IMAGE_SHAPE), np.uint8)
-    )
-    labels = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
-    return ImageSet(images, labels, read_class_names(batch_dir), source=str(batch_dir.resolve()))
-
-
-def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def download_cifar10(root: Path, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5) -> Path:
-    """Fetch and unpack the official archive into `root`, refusing a file whose md5 differs."""
-    root.mkdir(parents=True, exist_ok=True)
-    archive = root / Path(url).name
-    if not (archive.is_file() and md5sum(archive) == md5):
-        partial = archive.with_suffix(".part")
-        with urllib.request.urlopen(url, timeout=30) as response, partial.open("wb") as f:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-        partial.replace(archive)
-    if md5sum(archive) != md5:
-        archive.unlink()
-        raise DataIntegrityError(
-            f"Downloaded {url} but its md5 is not {md5}; the file was removed, try again."
-        )
-    with tarfile.open(archive, "r:gz") as tar:
-        tar.extractall(root, filter="data")
-    return root / BATCH_DIR
-
-
-def find_batch_dir(data_dir: str | Path) -> Path | None:
-    """`data_dir` itself or its `cifar-10-batches-py` child, whichever holds batch files."""
-    root = Path(data_dir)
-    for candidate in (root / BATCH_DIR, root):
-        if candidate.is_dir() and any(
-            (candidate / name).is_file() for name in (*TRAIN_BATCHES, TEST_BATCH)
-        ):
-            return candidate
-    return None
-
-
-def missing_data_message(data_dir: str | Path, reason: str) -> str:
-    where = Path(data_dir).resolve()
-    return (
-        f"CIFAR-10 not found in {where} and the download from {CIFAR10_URL} failed ({reason}).\n"
-        f"Fix it in one of two ways:\n"
-        f"  1. put the official python batches in {where / BATCH_DIR} "
-        f"(data_batch_1..5, test_batch, batches.meta), e.g. unpack cifar-10-python.tar.gz there;\n"
-        f"  2. point to a directory that has them: -P data_dir=/path/to/cifar10 "
-        f"(or data_dir=synthetic for a quick demo)."
-    )
-
-
-def locate_batches(data_dir: str | Path, download: bool) -> Path:
-    """The batch directory for `data_dir`, downloading the official archive when it is absent."""
-    batch_dir = find_batch_dir(data_dir)
-    if batch_dir is not None:
-        return batch_dir
-    if not download:
-        raise DataUnavailableError(missing_data_message(data_dir, "download disabled"))
-    try:
-        return download_cifar10(Path(data_dir), CIFAR10_URL, CIFAR10_MD5)
-    except (OSError, tarfile.TarError) as error:
-        raise DataUnavailableError(missing_data_message(data_dir, str(error))) from None
+class BadDataError(DataIntegrityError):
+    """Some files or class folders cannot be used; the message lists them and the two ways on."""
 
 
 def make_synthetic(n: int, seed: int) -> ImageSet:
@@ -207,42 +62,88 @@ def make_synthetic(n: int, seed: int) -> ImageSet:
     return ImageSet(images, labels, CLASS_NAMES, source=SYNTHETIC)
 
 
-SYNTHETIC_TRAIN_SIZE = 3000
-SYNTHETIC_TEST_SIZE = 1000
+def canonical_source(data_dir: str | Path) -> str:
+    """`data_dir` as it means the same from any working directory (a path made absolute)."""
+    return SYNTHETIC if str(data_dir) == SYNTHETIC else str(Path(data_dir).resolve())
 
 
-def load_training_set(data_dir: str | Path, download: bool = True) -> ImageSet:
+def is_image_folder(path: Path) -> bool:
+    return is_archive(path) or (find_batch_dir(path) is None and looks_like_image_folder(path))
+
+
+def read_split(data_dir: str | Path, split: str, download: bool) -> ImageSet | None:
+    """The one place that maps `data_dir` to a reader; None when the source has no such split."""
     if str(data_dir) == SYNTHETIC:
-        return make_synthetic(SYNTHETIC_TRAIN_SIZE, seed=0)
-    batch_dir = locate_batches(data_dir, download)
-    images = load_cifar_batches(batch_dir, TRAIN_BATCHES)
-    if len(images) == 0:
-        raise DataUnavailableError(
-            f"{batch_dir} has no training batches (data_batch_1..5). "
-            "Put at least one there, or pass -P data_dir=... pointing to a directory that has them."
-        )
-    return images
+        return make_synthetic(SYNTHETIC_SIZES[split], seed=0 if split == "train" else 1)
+    path = Path(data_dir)
+    if is_image_folder(path):
+        return read_image_folder(path, split)
+    batch_dir = locate_batches(path, download)
+    names = TRAIN_BATCHES if split == "train" else (TEST_BATCH,)
+    if not any((batch_dir / name).is_file() for name in names):
+        return None
+    return load_cifar_batches(batch_dir, names)
 
 
-def load_test_set(data_dir: str | Path, download: bool = True) -> ImageSet:
-    """The official test batch only; training and tuning never call this."""
-    if str(data_dir) == SYNTHETIC:
-        return make_synthetic(SYNTHETIC_TEST_SIZE, seed=1)
-    batch_dir = locate_batches(data_dir, download)
-    if not (batch_dir / TEST_BATCH).is_file():
-        raise DataUnavailableError(
-            f"{batch_dir} has no {TEST_BATCH}, so there is nothing held out to test on. "
-            f"Put the official {TEST_BATCH} (and {META_FILE}) there, or pass -P data_dir=... "
-            "pointing to a directory that has them."
+def problem_summary(problems: list[dict[str, str]]) -> str:
+    shown = "; ".join(
+        f"{p['file']} ({p['kind']}: {p['detail']})" for p in problems[:SHOWN_PROBLEMS]
+    )
+    more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+    return f"{len(problems)} unusable: {shown}{more}"
+
+
+def checked(data: ImageSet, skip_bad_images: bool) -> ImageSet:
+    """`data` if nothing was unusable or the caller skips bad images; else a BadDataError."""
+    if data.problems and not skip_bad_images:
+        raise BadDataError(
+            f"{data.source}: {problem_summary(data.problems)}. Fix or remove them, or pass "
+            "-P skip_bad_images=true to use the rest (what is skipped is logged)."
         )
-    return load_cifar_batches(batch_dir, (TEST_BATCH,))
+    if len(data) == 0:
+        raise BadDataError(
+            f"{data.source}: no usable image ({problem_summary(data.problems)}). "
+            "Replace the files or pass -P data_dir=... pointing to data that has them."
+        )
+    if len(data.class_names) < 2:
+        raise BadDataError(
+            f"{data.source}: {len(data.class_names)} class(es) with images "
+            f"{list(data.class_names)}; a classifier needs at least 2 class folders."
+        )
+    return data
+
+
+def load_training_set(
+    data_dir: str | Path, download: bool = True, skip_bad_images: bool = False
+) -> ImageSet:
+    data = read_split(data_dir, "train", download)
+    if data is None or not (len(data) or data.problems):
+        raise DataUnavailableError(
+            f"{data_dir} has no training images (data_batch_1..5, or class folders of images). "
+            "Put them there, or pass -P data_dir=... pointing to a directory that has them."
+        )
+    return checked(data, skip_bad_images)
+
+
+def load_test_set(
+    data_dir: str | Path, download: bool = True, skip_bad_images: bool = False
+) -> ImageSet:
+    """The held-out test split only (`test_batch` or `test/<class>/`); training never calls this."""
+    test = read_split(data_dir, "test", download)
+    if test is None:
+        raise DataUnavailableError(
+            f"{data_dir} has no test split ({TEST_BATCH}, or a test/<class>/ folder), so there is "
+            f"nothing held out to test on. Add the official {TEST_BATCH} (and {META_FILE}) or a "
+            "test/ folder beside train/, or pass -P data_dir=... pointing to data that has one."
+        )
+    return checked(test, skip_bad_images)
 
 
 def has_test_set(data_dir: str | Path) -> bool:
-    if str(data_dir) == SYNTHETIC:
-        return True
-    batch_dir = find_batch_dir(data_dir)
-    return batch_dir is not None and (batch_dir / TEST_BATCH).is_file()
+    try:
+        return read_split(data_dir, "test", download=False) is not None
+    except DataUnavailableError:
+        return False
 
 
 def stratified_split(

@@ -23,15 +23,22 @@ from sklearn.metrics import (
     confusion_matrix,
     log_loss,
     precision_recall_fscore_support,
-    top_k_accuracy_score,
 )
 
 from pipeline.config import EvaluateConfig, config_to_params
-from pipeline.data import ImageSet, load_test_set
+from pipeline.data import BadDataError, load_test_set
+from pipeline.imaging import ImageSet
 from pipeline.loader import normalize
 from pipeline.models import gradcam_target_layer
-from pipeline.tracking import log_figure, log_resolved_params, stage_run
-from registry.serving_model import MAX_IMAGES_PER_REQUEST, encode_png
+from pipeline.tracking import (
+    log_dataset,
+    log_figure,
+    log_json,
+    log_resolved_params,
+    print_summary,
+    stage_run,
+)
+from registry.serving_model import predict_in_chunks
 
 ECE_BINS = 15
 
@@ -64,6 +71,8 @@ def classification_metrics(
     labels: np.ndarray, probabilities: np.ndarray, class_names: tuple[str, ...]
 ) -> dict[str, float]:
     """The `test_*` metrics: scikit-learn's standard scores plus ECE and per-class P/R/F1."""
+    # Softmax rows computed in float32 sum to 1 only within ~1e-7; scikit-learn's log_loss warns.
+    probabilities = probabilities / probabilities.sum(axis=1, keepdims=True)
     predicted = probabilities.argmax(axis=1)
     classes = np.arange(len(class_names))
     precision, recall, f1, _ = precision_recall_fscore_support(
@@ -74,7 +83,10 @@ def classification_metrics(
         "test_precision_macro": precision,
         "test_recall_macro": recall,
         "test_f1_macro": f1,
-        "test_top2_accuracy": top_k_accuracy_score(labels, probabilities, k=2, labels=classes),
+        # By hand: scikit-learn's top_k_accuracy_score refuses two classes given as two columns.
+        "test_top2_accuracy": np.mean(
+            (np.argsort(-probabilities, axis=1)[:, :2] == labels[:, None]).any(axis=1)
+        ),
         "test_log_loss": log_loss(labels, probabilities, labels=classes),
         "test_ece": expected_calibration_error(probabilities, labels),
     }
@@ -205,16 +217,6 @@ def plot_gradcam(classifier, test: ImageSet, predicted: np.ndarray, per_class: i
     return figure
 
 
-def predict_in_chunks(
-    model: mlflow.pyfunc.PyFuncModel, encoded: list[bytes], batch_size: int, tta: bool
-) -> np.ndarray:
-    frames = [
-        model.predict(pd.DataFrame({"image": encoded[i : i + batch_size]}), params={"tta": tta})
-        for i in range(0, len(encoded), batch_size)
-    ]
-    return np.array([p for frame in frames for p in frame["probabilities"]], dtype=np.float64)
-
-
 @dataclass
 class EvaluateResult:
     run_id: str
@@ -223,22 +225,33 @@ class EvaluateResult:
 
 
 def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
-    """The `evaluate` entry point; test metrics are also written back to the source training run."""
-    batch_size = min(config.batch_size, MAX_IMAGES_PER_REQUEST)
-    test = load_test_set(config.data_dir, config.download)
-    model = mlflow.pyfunc.load_model(config.model_uri)
-    source_run_id = model.metadata.run_id
+    """The `evaluate` entry point. The test metrics are also written back to the training run, but only
+    when they come from the test split of the data that run was trained on."""
     with stage_run(config.experiment_name, "evaluate-tta" if config.tta else "evaluate") as run:
         log_resolved_params(config_to_params(config))
+        test = load_test_set(config.data_dir, config.download, config.skip_bad_images)
+        model = mlflow.pyfunc.load_model(config.model_uri)
+        source_run_id = model.metadata.run_id
+        meta = model.metadata.metadata or {}
+        if "class_names" in meta and tuple(meta["class_names"]) != test.class_names:
+            raise BadDataError(
+                f"{config.model_uri} knows the classes {list(meta['class_names'])}, but "
+                f"{test.source} has {list(test.class_names)}; evaluate on the data the model was "
+                "trained for."
+            )
         mlflow.set_tags(
             {"model_uri": config.model_uri, "source_run_id": source_run_id or "", "tta": config.tta}
         )
-        encoded = [encode_png(image) for image in test.images]
-        probabilities = predict_in_chunks(model, encoded, batch_size, config.tta)
+        log_dataset(test, context="test")
+        if test.problems:
+            log_json(test.problems, "skipped_files.json")
+        probabilities = predict_in_chunks(model, test.images, config.batch_size, config.tta)
         predicted = probabilities.argmax(axis=1)
         names = test.class_names
         metrics = classification_metrics(test.labels, probabilities, names)
-        mlflow.log_metrics(metrics | {"test_images": len(test)})
+        mlflow.log_metrics(
+            metrics | {"test_images": len(test), "skipped_files": len(test.problems)}
+        )
         table = metrics_table(metrics, names)
         mlflow.log_text(to_markdown(table), "metrics_table.md")
         mlflow.log_table(table, "metrics_table.json")
@@ -270,12 +283,39 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
             }
         )
         mlflow.log_text(predictions.to_csv(index=False), "predictions.csv")
-    if source_run_id:
-        suffix = "_tta" if config.tta else ""
-        mlflow.tracking.MlflowClient().log_batch(
-            source_run_id,
-            metrics=[
-                Metric(f"{k}{suffix}", v, int(run.info.start_time), 0) for k, v in metrics.items()
-            ],
+        write_back = write_back_reason(source_run_id, test)
+        mlflow.set_tags(
+            {"written_back": write_back is None, "written_back_reason": write_back or ""}
+        )
+        if write_back is None:
+            suffix = "_tta" if config.tta else ""
+            mlflow.MlflowClient().log_batch(
+                source_run_id,
+                metrics=[
+                    Metric(f"{k}{suffix}", v, int(run.info.start_time), 0)
+                    for k, v in metrics.items()
+                ],
+            )
+        print_summary(
+            "evaluate",
+            {
+                "test_accuracy": f"{metrics['test_accuracy']:.4f} on {len(test):,} images of "
+                f"{test.source}",
+                "macro F1 / ECE": f"{metrics['test_f1_macro']:.4f} / {metrics['test_ece']:.4f}",
+                "training run": f"metrics written back to {source_run_id}"
+                if write_back is None
+                else f"not written back: {write_back}",
+            },
+            f"mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}",
         )
     return EvaluateResult(run.info.run_id, metrics, source_run_id)
+
+
+def write_back_reason(source_run_id: str | None, test: ImageSet) -> str | None:
+    """None when the test split belongs to the data the training run learned from; else why not."""
+    if not source_run_id:
+        return "the model has no training run"
+    trained_on = mlflow.MlflowClient().get_run(source_run_id).data.tags.get("data_source")
+    if trained_on != test.source:
+        return f"run {source_run_id} was trained on {trained_on}, this is the test split of {test.source}"
+    return None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import matplotlib
 
@@ -14,77 +13,42 @@ import numpy as np
 
 from pipeline.config import PreprocessConfig, config_to_params
 from pipeline.data import (
-    META_FILE,
-    SYNTHETIC,
-    SYNTHETIC_TEST_SIZE,
-    SYNTHETIC_TRAIN_SIZE,
-    TEST_BATCH,
-    TRAIN_BATCHES,
-    DataIntegrityError,
     DataUnavailableError,
-    ImageSet,
-    channel_stats,
+    checked,
     duplicate_counts,
-    locate_batches,
-    make_synthetic,
-    read_batch,
-    read_class_names,
-    stratified_split,
+    make_splits,
+    read_split,
 )
-from pipeline.tracking import log_dataset, log_figure, log_json, log_resolved_params, stage_run
+from pipeline.imaging import ImageSet
+from pipeline.tracking import (
+    log_dataset,
+    log_figure,
+    log_json,
+    log_resolved_params,
+    print_summary,
+    stage_run,
+)
 
 CHANNELS = ("red", "green", "blue")
 
 
-def inspect_batches(batch_dir: Path) -> tuple[list[dict], ImageSet, ImageSet | None]:
-    """Read every expected batch file, recording for each whether it is present and sound."""
-    report = []
-    parts: dict[str, list] = {"train": [], "test": []}
-    for name in (*TRAIN_BATCHES, TEST_BATCH):
-        path = batch_dir / name
-        entry = {"file": name, "status": "missing"}
-        if path.is_file():
-            try:
-                images, labels = read_batch(path)
-            except DataIntegrityError as error:
-                entry |= {"status": "unreadable", "error": str(error)}
-            else:
-                entry |= {
-                    "status": "ok",
-                    "images": len(labels),
-                    "shape": list(images.shape[1:]),
-                    "dtype": str(images.dtype),
-                    "label_min": int(labels.min()) if len(labels) else None,
-                    "label_max": int(labels.max()) if len(labels) else None,
-                }
-                parts["test" if name == TEST_BATCH else "train"].append((images, labels))
-        report.append(entry)
-    report.append(
-        {"file": META_FILE, "status": "ok" if (batch_dir / META_FILE).is_file() else "missing"}
-    )
-    names = read_class_names(batch_dir)
-    sets = {
-        key: ImageSet(
-            np.concatenate([p[0] for p in value]),
-            np.concatenate([p[1] for p in value]),
-            names,
-            str(batch_dir.resolve()),
-        )
-        for key, value in parts.items()
-        if value
-    }
-    if "train" not in sets:
+def read_sets(config: PreprocessConfig) -> tuple[ImageSet, ImageSet | None, list[dict[str, str]]]:
+    """Training and test splits as any stage reads them, and everything that could not be used."""
+    train = read_split(config.data_dir, "train", config.download)
+    test = read_split(config.data_dir, "test", config.download)
+    problems = [
+        {"split": name, **problem}
+        for name, split in (("train", train), ("test", test))
+        if split is not None
+        for problem in split.problems
+    ]
+    if train is None or len(train) == 0:
+        log_json(problems, "integrity.json")
         raise DataUnavailableError(
-            f"{batch_dir} has no readable training batch (data_batch_1..5); see integrity.json. "
-            "Replace the files or pass -P data_dir=... pointing to a directory that has them."
+            f"{config.data_dir} has no readable training image; see integrity.json. "
+            "Replace the files or pass -P data_dir=... pointing to data that has them."
         )
-    return report, sets["train"], sets.get("test")
-
-
-def synthetic_sets() -> tuple[list[dict], ImageSet, ImageSet]:
-    train, test = make_synthetic(SYNTHETIC_TRAIN_SIZE, 0), make_synthetic(SYNTHETIC_TEST_SIZE, 1)
-    report = [{"file": SYNTHETIC, "status": "ok", "images": len(train) + len(test)}]
-    return report, train, test
+    return train, test, problems
 
 
 def class_counts(labels: np.ndarray, names: tuple[str, ...]) -> dict[str, int]:
@@ -143,28 +107,27 @@ class PreprocessResult:
 
 
 def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
-    """The `preprocess` entry point. Unreadable files are logged first, then fail the run."""
+    """The `preprocess` entry point. Unusable files are logged first, then fail the run unless
+    `skip_bad_images`."""
     with stage_run(config.experiment_name, "preprocess") as run:
         log_resolved_params(config_to_params(config))
-        if config.data_dir == SYNTHETIC:
-            report, data, test = synthetic_sets()
-        else:
-            report, data, test = inspect_batches(locate_batches(config.data_dir, config.download))
+        data, test, problems = read_sets(config)
         names = data.class_names
-        train_index, val_index = stratified_split(data.labels, config.val_fraction, config.seed)
-        train, val = data.subset(train_index), data.subset(val_index)
-        mean, std = channel_stats(train.images)
-        splits = {"train": train, "val": val} | ({"test": test} if test is not None else {})
+        carved = make_splits(data, config.val_fraction, config.seed)
+        train, mean, std = carved.train, carved.mean, carved.std
+        splits = {"train": train, "val": carved.val} | ({"test": test} if test is not None else {})
         counts = {split: class_counts(s.labels, names) for split, s in splits.items()}
-        unreadable = [e["file"] for e in report if e["status"] == "unreadable"]
         metrics = {f"{split}_images": len(s) for split, s in splits.items()}
         metrics |= {
             f"{split}_count_{name}": n for split, c in counts.items() for name, n in c.items()
         }
         metrics |= duplicate_counts(data.images, test.images if test is not None else None)
         metrics |= {
-            "unreadable_files": len(unreadable),
-            "missing_batches": sum(e["status"] == "missing" for e in report),
+            f"{kind}_files": sum(p["kind"] == kind for p in problems)
+            for kind in ("unreadable", "empty_class", "unknown_class")
+        }
+        metrics |= {
+            "num_classes": len(names),
             "label_min": int(data.labels.min()),
             "label_max": int(data.labels.max()),
         }
@@ -178,17 +141,31 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
             "val_fraction": config.val_fraction,
             "seed": config.seed,
             "source": data.source,
+            "digest": data.digest,
+            "train_digest": train.digest,
         }
         log_json(stats, "stats.json")
-        log_json(report, "integrity.json")
+        log_json(problems, "integrity.json")
         log_figure(plot_class_distribution(counts, names), "plots/class_distribution.png")
         log_figure(plot_samples(train, seed=config.seed), "plots/samples_per_class.png")
         log_figure(plot_pixel_histograms(train.images), "plots/pixel_histograms.png")
-        log_dataset(train.images, train.labels, data.source, context="preprocess")
+        log_dataset(train, context="preprocess")
         mlflow.set_tag("data_source", data.source)
-        if unreadable:
-            raise DataIntegrityError(
-                f"Unreadable batch files: {unreadable} (details in integrity.json). "
-                "Replace them with official batch files or remove them and rerun."
-            )
+        for split in (data, test):
+            if split is not None:
+                checked(split, config.skip_bad_images)
+        print_summary(
+            "preprocess",
+            {
+                "images": ", ".join(f"{len(s):,} {name}" for name, s in splits.items())
+                + ("" if test is not None else " (no test split)")
+                + f"; {len(names)} classes",
+                "mean / std": f"{[round(v, 4) for v in mean]} / {[round(v, 4) for v in std]}",
+                "unusable files": f"{len(problems)} (skipped; see integrity.json)"
+                if problems
+                else "none",
+            },
+            f"mlflow run . -e train --env-manager local -P data_dir={config.data_dir}"
+            + (" -P skip_bad_images=true" if problems else ""),
+        )
     return PreprocessResult(run.info.run_id, stats)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +15,11 @@ from typing import Any
 import mlflow
 from matplotlib.figure import Figure
 
+from pipeline.data import SYNTHETIC, load_training_set, stratified_split
+from pipeline.imaging import ImageSet
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_EXPERIMENT = "cifar10"
 
 
 def git_commit() -> str:
@@ -43,10 +48,15 @@ def stage_run(
     """Open (or attach to) the stage's run; a failure is tagged with its message and marks it FAILED.
 
     Under `mlflow run` the run already exists (MLFLOW_RUN_ID) in the experiment chosen with
-    `--experiment-name`, so the experiment is only set when this process creates the run.
+    `--experiment-name`, so the experiment is only set when this process creates the run: the one
+    named, else MLflow's environment variables, else the project's own (`cifar10`), never "Default".
     """
-    if experiment_name and not run_id and not nested and not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(experiment_name)
+    creates_run = not run_id and not nested and not os.environ.get("MLFLOW_RUN_ID")
+    chosen_by_env = os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get(
+        "MLFLOW_EXPERIMENT_ID"
+    )
+    if creates_run and (experiment_name or not chosen_by_env):
+        mlflow.set_experiment(experiment_name or DEFAULT_EXPERIMENT)
     with mlflow.start_run(
         run_id=run_id, run_name=run_name, nested=nested, log_system_metrics=log_system_metrics
     ) as run:
@@ -76,6 +86,39 @@ def log_resolved_params(params: dict[str, Any]) -> None:
     mlflow.log_params(values)
 
 
+def run_param(run: mlflow.entities.Run, key: str) -> str | None:
+    """The value a run really used: `resolved.<key>` where `mlflow run` logged something else."""
+    params = run.data.params
+    return params.get(f"resolved.{key}", params.get(key))
+
+
+def split_key(run: mlflow.entities.Run) -> tuple[str | None, ...]:
+    """What fixes a training run's validation split: data source, fraction and seed."""
+    return (
+        run.data.tags.get("data_source"),
+        run_param(run, "val_fraction"),
+        run_param(run, "seed"),
+    )
+
+
+def validation_set_of(run: mlflow.entities.Run) -> ImageSet:
+    """The validation images a training run was judged on, rebuilt from what it logged."""
+    data_source, val_fraction, seed = split_key(run)
+    data = load_training_set(data_source, download=False, skip_bad_images=True)
+    _, val_index = stratified_split(data.labels, float(val_fraction), int(float(seed)))
+    return data.subset(val_index)
+
+
+def print_summary(stage: str, facts: dict[str, Any], next_command: str) -> None:
+    """What a stage tells a person at its end: the run, its key numbers (all tracked), where its
+    artifacts are, and the command that usually comes next."""
+    run = mlflow.active_run() or mlflow.last_active_run()
+    lines = [f"{stage} finished: run {run.info.run_id} (experiment {run.info.experiment_id})"]
+    lines += [f"  {name}: {value}" for name, value in facts.items()]
+    lines += [f"  artifacts: {run.info.artifact_uri}", f"  next: {next_command}"]
+    print("\n".join(lines), flush=True)
+
+
 def log_json(values: Any, artifact_file: str) -> None:
     mlflow.log_text(json.dumps(values, indent=2), artifact_file)
 
@@ -87,12 +130,16 @@ def log_figure(figure: Figure, artifact_file: str) -> None:
     plt.close(figure)
 
 
-def log_dataset(images: Any, labels: Any, source: str, context: str) -> None:
-    """Record the training split as an MLflow dataset input (digest, source, schema)."""
-    source_uri = None if source == "synthetic" else str(Path(source).resolve())
-    dataset = mlflow.data.from_numpy(
-        images, targets=labels, source=source_uri, name="cifar10-train"
-    )
+def log_dataset(data: ImageSet, context: str) -> None:
+    """Record a split as an MLflow dataset input: named after its source, with its content digest."""
+    source_uri = None if data.source == SYNTHETIC else data.source
+    with warnings.catch_warnings():
+        # MLflow registers its local artifact source under two schemes ("" and "file"), so every
+        # local path "can be interpreted in multiple ways" by two identical classes: harmless.
+        warnings.filterwarnings("ignore", "The specified dataset source", UserWarning)
+        dataset = mlflow.data.from_numpy(
+            data.images, targets=data.labels, source=source_uri, name=data.name, digest=data.digest
+        )
     mlflow.log_input(dataset, context=context)
 
 

@@ -7,7 +7,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,15 +18,25 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.config import TrainConfig, build_config, config_to_params, dump_yaml
-from pipeline.data import ImageSet, Splits, load_training_set, make_splits
+from pipeline.data import Splits, has_test_set, load_training_set, make_splits
 from pipeline.errors import PipelineError
+from pipeline.imaging import ImageSet
 from pipeline.loader import Augmentation, DeviceBatches
 from pipeline.models import build_model, get_spec, is_frozen, model_options, set_frozen
-from pipeline.tracking import log_dataset, log_json, log_resolved_params, scratch_dir, stage_run
+from pipeline.tracking import (
+    log_dataset,
+    log_json,
+    log_resolved_params,
+    print_summary,
+    scratch_dir,
+    stage_run,
+)
 from registry.serving_model import log_classifier
 
 CHECKPOINT_ARTIFACT = "checkpoints/last.pt"
-EpochCallback = Callable[[int, dict[str, float]], None]
+# Called after every epoch with (epoch, metrics, the checkpoint written this epoch or None); it may
+# raise to stop training (Optuna pruning does).
+EpochCallback = Callable[[int, dict[str, float], Path | None], None]
 
 
 class NonFiniteLossError(PipelineError):
@@ -99,7 +109,12 @@ def train_one_epoch(
     step_losses = torch.zeros(len(batches), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     progress = tqdm(
-        batches, desc=f"epoch {epoch + 1}", leave=False, disable=not sys.stderr.isatty()
+        batches,
+        desc=f"epoch {epoch + 1}",
+        leave=False,
+        position=1,
+        file=sys.stderr,
+        disable=not sys.stderr.isatty(),
     )
     for step, (images, labels) in enumerate(progress):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -176,15 +191,15 @@ def fit(
     train_batches: DeviceBatches,
     val_batches: DeviceBatches,
     config: TrainConfig,
-    on_epoch_end: EpochCallback | None = None,
+    callbacks: Sequence[EpochCallback] = (),
     checkpoint_path: Path | None = None,
     resume_from: dict[str, Any] | None = None,
 ) -> FitState:
-    """Train `model` for `config.epochs`, log each epoch to the active MLflow run, keep the best.
+    """Train `model` for `config.epochs` and keep the best epoch's weights; knows nothing of MLflow.
 
-    `on_epoch_end(epoch, metrics)` may raise to stop (Optuna pruning does). With `checkpoint_path`
-    every epoch is checkpointed there and logged as an artifact; `resume_from` (a loaded checkpoint)
-    continues from the epoch after it.
+    Each epoch's metrics go to `callbacks`. With `checkpoint_path` a checkpoint is written there
+    after the last epoch and after any epoch that ends `config.checkpoint_seconds` or more after the
+    previous one (0: every epoch); `resume_from` (a loaded checkpoint) continues after it.
     """
     state = FitState(**resume_from["fit_state"]) if resume_from else FitState()
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
@@ -192,6 +207,7 @@ def fit(
     step_model = torch.compile(model) if config.compile else model
     if resume_from:
         model.load_state_dict(resume_from["model"])
+    started = last_checkpoint = time.perf_counter()
     for phase in phases:
         if state.next_epoch >= phase.end or state.stopped_early:
             continue
@@ -206,38 +222,129 @@ def fit(
         for epoch in range(state.next_epoch, phase.end):
             torch.manual_seed(config.seed * 100_003 + epoch)
             train_batches.set_epoch(epoch)
-            started = time.perf_counter()
+            epoch_started = time.perf_counter()
             metrics = train_one_epoch(
                 step_model, train_batches, optimizer, scheduler, loss_fn, epoch
             )
-            train_seconds = time.perf_counter() - started
+            train_seconds = time.perf_counter() - epoch_started
             metrics |= evaluate_batches(step_model, val_batches)
+            now = time.perf_counter()
             metrics |= {
                 "learning_rate": optimizer.param_groups[0]["lr"],
-                "epoch_seconds": time.perf_counter() - started,
+                "epoch_seconds": now - epoch_started,
                 "images_per_second": train_batches.num_images / train_seconds,
+                "elapsed_seconds": now - started,
             }
-            mlflow.log_metrics(metrics, step=epoch)
             state.history.append(metrics)
             state.next_epoch = epoch + 1
             if metrics["val_accuracy"] > state.best_val_accuracy:
                 state.best_val_accuracy = metrics["val_accuracy"]
                 state.best_epoch = epoch
-                state.best_weights = copy.deepcopy(model.state_dict())
+                state.best_weights = {k: v.clone() for k, v in model.state_dict().items()}
                 state.epochs_without_improvement = 0
             else:
                 state.epochs_without_improvement += 1
             state.stopped_early = 0 < config.patience <= state.epochs_without_improvement
-            if checkpoint_path is not None:
+            last_epoch = state.stopped_early or state.next_epoch == config.epochs
+            written = None
+            if checkpoint_path is not None and (
+                last_epoch or now - last_checkpoint >= config.checkpoint_seconds
+            ):
                 save_checkpoint(checkpoint_path, state, model, optimizer, scheduler)
-                mlflow.log_artifact(str(checkpoint_path), Path(CHECKPOINT_ARTIFACT).parent.name)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, metrics)
+                written, last_checkpoint = checkpoint_path, time.perf_counter()
+            for callback in callbacks:
+                callback(epoch, metrics, written)
             if state.stopped_early:
                 break
     if state.best_weights is not None:
         model.load_state_dict(state.best_weights)
     return state
+
+
+def mlflow_epoch_logger(logged_epochs: frozenset[int] = frozenset()) -> EpochCallback:
+    """The MLflow side of an epoch: its metrics (step = epoch) and the checkpoint just written.
+
+    A resumed run repeats the epochs after its last checkpoint, with the same results (training is
+    seeded per epoch); `logged_epochs` are not logged again, so each metric stays one series.
+    """
+
+    def log_epoch(epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        if epoch not in logged_epochs:
+            mlflow.log_metrics(metrics, step=epoch)
+        if checkpoint is not None:
+            mlflow.log_artifact(str(checkpoint), Path(CHECKPOINT_ARTIFACT).parent.name)
+
+    return log_epoch
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class EpochProgress:
+    """An epoch bar with the total and an ETA on a terminal, and one plain line per epoch that reads
+    the same in a redirected log (CI, nohup, a cluster job)."""
+
+    def __init__(self, total_epochs: int, first_epoch: int = 0) -> None:
+        self.total, self.first = total_epochs, first_epoch
+        self.bar = tqdm(
+            total=total_epochs,
+            initial=first_epoch,
+            unit="epoch",
+            file=sys.stderr,
+            disable=not sys.stderr.isatty(),
+        )
+
+    def __call__(self, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        done = epoch + 1
+        per_epoch = metrics["elapsed_seconds"] / max(1, done - self.first)
+        tqdm.write(
+            f"epoch {done}/{self.total}  train_loss {metrics['train_loss']:.4f}  "
+            f"val_accuracy {metrics['val_accuracy']:.4f}  {metrics['epoch_seconds']:.1f} s  "
+            f"ETA {format_duration(per_epoch * (self.total - done))}",
+            file=sys.stderr,
+        )
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def seconds_per_image(model: nn.Module, batches: DeviceBatches) -> float:
+    """One training step of a copy of `model` on a few images: enough to tell minutes from hours."""
+    probe = copy.deepcopy(model).train()
+    images, labels = next(iter(batches))
+    images, labels = images[:32], labels[:32]
+    started = time.perf_counter()
+    nn.functional.cross_entropy(probe(images), labels).backward()
+    return (time.perf_counter() - started) / len(labels)
+
+
+def announce_training(prepared: Prepared, config: TrainConfig, first_epoch: int) -> None:
+    """The line before training: what runs where, and on a CPU how long it will take."""
+    epochs = config.epochs - first_epoch
+    line = (
+        f"training {config.model} on {prepared.device}: {len(prepared.splits.train):,} images "
+        f"({len(prepared.splits.val):,} for validation), {epochs} epochs"
+    )
+    if prepared.device.type != "cpu":
+        print(f"{line}; the first epoch gives the ETA", file=sys.stderr, flush=True)
+        return
+    estimate = (
+        seconds_per_image(prepared.model, prepared.train_batches)
+        * prepared.train_batches.num_images
+        * epochs
+    )
+    print(f"{line}, about {format_duration(estimate)}", file=sys.stderr, flush=True)
+    if estimate > 3600:
+        print(
+            "warning: that is over an hour on the CPU. Use a GPU, -P model=cnn, or fewer "
+            "-P epochs (or -P max_train_images) to try things out.",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 @dataclass
@@ -247,8 +354,7 @@ class Prepared:
     train_batches: DeviceBatches
     val_batches: DeviceBatches
     device: torch.device
-    class_names: tuple[str, ...]
-    source: str
+    data: ImageSet
 
 
 def prepare_training(config: TrainConfig, data: ImageSet | None = None) -> Prepared:
@@ -256,7 +362,8 @@ def prepare_training(config: TrainConfig, data: ImageSet | None = None) -> Prepa
 
     `data` lets a caller that trains many times (tuning) load the training batches once.
     """
-    data = data if data is not None else load_training_set(config.data_dir, config.download)
+    if data is None:
+        data = load_training_set(config.data_dir, config.download, config.skip_bad_images)
     splits = make_splits(data, config.val_fraction, config.seed, config.max_train_images)
     device = select_device()
     on_cuda = device.type == "cuda"
@@ -284,9 +391,7 @@ def prepare_training(config: TrainConfig, data: ImageSet | None = None) -> Prepa
     val_batches = DeviceBatches(
         splits.val.images, splits.val.labels, batch_size=config.eval_batch_size, **common
     )
-    return Prepared(
-        splits, model, train_batches, val_batches, device, data.class_names, data.source
-    )
+    return Prepared(splits, model, train_batches, val_batches, device, data)
 
 
 def log_training_inputs(prepared: Prepared, config: TrainConfig) -> None:
@@ -298,21 +403,29 @@ def log_training_inputs(prepared: Prepared, config: TrainConfig) -> None:
         {
             "architecture": config.model,
             "device": str(prepared.device),
-            "data_source": prepared.source,
+            "data_source": prepared.data.source,
         }
     )
     log_json(
         {
             "mean": list(splits.mean),
             "std": list(splits.std),
-            "class_names": list(prepared.class_names),
+            "class_names": list(prepared.data.class_names),
             "train_images": len(splits.train),
             "val_images": len(splits.val),
         },
         "stats.json",
     )
-    mlflow.log_metrics({"train_images": len(splits.train), "val_images": len(splits.val)})
-    log_dataset(splits.train.images, splits.train.labels, prepared.source, context="training")
+    mlflow.log_metrics(
+        {
+            "train_images": len(splits.train),
+            "val_images": len(splits.val),
+            "skipped_files": len(prepared.data.problems),
+        }
+    )
+    if prepared.data.problems:
+        log_json(prepared.data.problems, "skipped_files.json")
+    log_dataset(splits.train, context="training")
 
 
 def stored_config(run_id: str) -> TrainConfig:
@@ -324,12 +437,22 @@ def stored_config(run_id: str) -> TrainConfig:
     return build_config(TrainConfig, values, {"resume_run_id": run_id})
 
 
-def load_resume_checkpoint(run_id: str, local_path: Path) -> dict[str, Any]:
+def load_resume_checkpoint(run_id: str, local_path: Path) -> dict[str, Any] | None:
+    """The run's last checkpoint, or None when it died before writing one."""
+    client = mlflow.MlflowClient()
+    folder = Path(CHECKPOINT_ARTIFACT).parent.as_posix()
+    if CHECKPOINT_ARTIFACT not in {f.path for f in client.list_artifacts(run_id, folder)}:
+        return None
     local_path.parent.mkdir(parents=True, exist_ok=True)
     downloaded = mlflow.artifacts.download_artifacts(
         run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=str(local_path.parent)
     )
     return torch.load(downloaded, map_location="cpu", weights_only=True)
+
+
+def logged_epochs(run_id: str) -> frozenset[int]:
+    history = mlflow.MlflowClient().get_metric_history(run_id, "val_accuracy")
+    return frozenset(m.step for m in history)
 
 
 @dataclass
@@ -341,12 +464,11 @@ class TrainResult:
     epochs_run: int
 
 
-def run_train(config: TrainConfig, on_epoch_end: EpochCallback | None = None) -> TrainResult:
+def run_train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> TrainResult:
     """The `train` entry point: one tracked run, ending with a logged, servable `model`."""
     resume_id = config.resume_run_id
     if resume_id:
         config = stored_config(resume_id)
-    prepared = prepare_training(config)
     started = time.perf_counter()
     with (
         stage_run(
@@ -354,23 +476,40 @@ def run_train(config: TrainConfig, on_epoch_end: EpochCallback | None = None) ->
         ) as run,
         scratch_dir() as scratch,
     ):
+        prepared = prepare_training(config)
         checkpoint_path = scratch / CHECKPOINT_ARTIFACT
-        resume_from = None
+        resume_from, done = None, frozenset()
         if resume_id:
             resume_from = load_resume_checkpoint(resume_id, checkpoint_path)
-            mlflow.set_tag("resumed_from_epoch", resume_from["fit_state"]["next_epoch"])
+            done = logged_epochs(resume_id)
+            if resume_from is None:
+                print(
+                    f"run {resume_id} has no checkpoint yet: training it again from epoch 1 with "
+                    "its logged config",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            mlflow.set_tag(
+                "resumed_from_epoch", resume_from["fit_state"]["next_epoch"] if resume_from else 0
+            )
         else:
             log_training_inputs(prepared, config)
-        state = fit(
-            prepared.model,
-            config.model,
-            prepared.train_batches,
-            prepared.val_batches,
-            config,
-            on_epoch_end=on_epoch_end,
-            checkpoint_path=checkpoint_path,
-            resume_from=resume_from,
-        )
+        first_epoch = resume_from["fit_state"]["next_epoch"] if resume_from else 0
+        announce_training(prepared, config, first_epoch)
+        progress = EpochProgress(config.epochs, first_epoch)
+        try:
+            state = fit(
+                prepared.model,
+                config.model,
+                prepared.train_batches,
+                prepared.val_batches,
+                config,
+                callbacks=[mlflow_epoch_logger(done), progress, *callbacks],
+                checkpoint_path=checkpoint_path,
+                resume_from=resume_from,
+            )
+        finally:
+            progress.close()
         final = state.history[-1]
         mlflow.log_metrics(
             {
@@ -389,10 +528,28 @@ def run_train(config: TrainConfig, on_epoch_end: EpochCallback | None = None) ->
             model_options(config.model, config),
             prepared.splits.mean,
             prepared.splits.std,
-            prepared.class_names,
+            prepared.data.class_names,
             prepared.splits.val.images[0],
         )
         mlflow.set_tag("model_uri", info.model_uri)
+        next_command = (
+            f"mlflow run . -e evaluate --env-manager local -P model_uri={info.model_uri} "
+            f"-P data_dir={config.data_dir}"
+            if has_test_set(config.data_dir)
+            else f"mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}   "
+            f"(no test split in {config.data_dir} to evaluate on)"
+        )
+        print_summary(
+            "train",
+            {
+                "best val_accuracy": f"{state.best_val_accuracy:.4f} at epoch "
+                f"{state.best_epoch + 1} of {state.next_epoch}"
+                + (" (stopped early)" if state.stopped_early else ""),
+                "time": format_duration(time.perf_counter() - started),
+                "model": info.model_uri,
+            },
+            next_command,
+        )
     return TrainResult(
         run.info.run_id, info.model_uri, state.best_val_accuracy, state.best_epoch, state.next_epoch
     )

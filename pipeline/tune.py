@@ -9,7 +9,9 @@ processes or machines can work on one study at once.
 from __future__ import annotations
 
 import math
+import sys
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +37,14 @@ from pipeline.config import (
     read_yaml,
     resolve_train_config,
 )
-from pipeline.data import ImageSet, load_training_set
-from pipeline.tracking import log_figure, log_resolved_params, stage_run
-from pipeline.train import fit, prepare_training
+from pipeline.data import load_training_set
+from pipeline.imaging import ImageSet
+from pipeline.tracking import log_figure, log_resolved_params, print_summary, stage_run
+from pipeline.train import fit, mlflow_epoch_logger, prepare_training
 
 SEARCH_SPACES_DIR = EXPERIMENTS_DIR / "search_spaces"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+OBJECTIVE = "val_accuracy"
 # Fields a best_config.yaml leaves out: they describe one run, not a recipe.
 RUN_ONLY_FIELDS = ("experiment_name", "resume_run_id", "config")
 
@@ -128,11 +132,15 @@ def open_storage(storage_url: str, attempts: int = 5) -> RDBStorage:
             time.sleep(0.5 * attempt)
 
 
+def study_name_of(config: TuneConfig) -> str:
+    return config.study_name or f"{config.model}-tune"
+
+
 def open_study(config: TuneConfig, storage_url: str) -> optuna.Study:
     """Create or resume the study."""
     storage = open_storage(storage_url)
     return optuna.create_study(
-        study_name=config.study_name or f"{config.model}-tune",
+        study_name=study_name_of(config),
         storage=storage,
         direction="maximize",
         sampler=make_sampler(config),
@@ -149,6 +157,7 @@ def trial_config(config: TuneConfig, values: Mapping[str, Any]) -> TrainConfig:
             "val_fraction": config.val_fraction,
             "seed": config.seed,
             "max_train_images": config.max_train_images,
+            "skip_bad_images": config.skip_bad_images,
             "epochs": config.epochs,
         }
         | dict(values)
@@ -195,7 +204,7 @@ def make_objective(config: TuneConfig, space: Mapping, data: ImageSet, parent_ru
             prepared = prepare_training(train_config, data)
             epochs_spent = [0]
 
-            def report(epoch: int, metrics: dict[str, float]) -> None:
+            def report(epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
                 # After the last epoch pruning saves nothing and would throw the result away.
                 epochs_spent[0] = epoch + 1
                 trial.report(metrics["val_accuracy"], epoch)
@@ -209,7 +218,7 @@ def make_objective(config: TuneConfig, space: Mapping, data: ImageSet, parent_ru
                     prepared.train_batches,
                     prepared.val_batches,
                     train_config,
-                    on_epoch_end=report,
+                    callbacks=[mlflow_epoch_logger(), report],
                 )
             except optuna.TrialPruned:
                 record_outcome(trial, "PRUNED", epochs_spent[0])
@@ -222,6 +231,15 @@ def make_objective(config: TuneConfig, space: Mapping, data: ImageSet, parent_ru
             return state.best_val_accuracy
 
     return objective
+
+
+def print_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """One line per finished trial, as the study records it (its nested run has the same)."""
+    value = "" if trial.value is None else f"  val_accuracy {trial.value:.4f}"
+    params = ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items()
+    )
+    print(f"trial {trial.number}  {trial.state.name}{value}  {params}", file=sys.stderr, flush=True)
 
 
 def log_study_plots(study: optuna.Study) -> None:
@@ -255,15 +273,25 @@ class TuneResult:
 
 def run_tune(config: TuneConfig) -> TuneResult:
     """The `tune` entry point: this run is the parent, every trial a nested run."""
+    with warnings.catch_warnings():
+        # Heartbeats, their retry callback and metric names are marked experimental in Optuna
+        # since 2.8-3.4; we rely on them on purpose, and the warning offers the user nothing to do.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optimize(config)
+
+
+def optimize(config: TuneConfig) -> TuneResult:
     space = load_search_space(config)
     storage = config.storage or default_storage()
-    data = load_training_set(config.data_dir)
-    study = open_study(config, storage)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with stage_run(config.experiment_name, f"tune-{study.study_name}") as run:
+    study_name = study_name_of(config)
+    with stage_run(config.experiment_name, f"tune-{study_name}") as run:
         log_resolved_params(
-            config_to_params(config) | {"storage": storage, "study_name": study.study_name}
+            config_to_params(config) | {"storage": storage, "study_name": study_name}
         )
+        data = load_training_set(config.data_dir, skip_bad_images=config.skip_bad_images)
+        study = open_study(config, storage)
+        study.set_metric_names([OBJECTIVE])
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         mlflow.log_text(dump_yaml(space), "search_space.yaml")
         started = time.perf_counter()
         study.optimize(
@@ -271,7 +299,7 @@ def run_tune(config: TuneConfig) -> TuneResult:
             n_trials=config.n_trials,
             n_jobs=config.n_jobs,
             timeout=config.timeout_seconds,
-            callbacks=[MaxTrialsCallback(config.n_trials, states=FINISHED)],
+            callbacks=[MaxTrialsCallback(config.n_trials, states=FINISHED), print_trial],
             catch=(RuntimeError,),
         )
         trials = study.get_trials(deepcopy=False)
@@ -290,6 +318,16 @@ def run_tune(config: TuneConfig) -> TuneResult:
         mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
         mlflow.log_text(dump_yaml(best_config), "best_config.yaml")
         log_study_plots(study)
+        print_summary(
+            "tune",
+            {
+                "study": f"{study.study_name} in {storage}",
+                "trials": ", ".join(f"{n} {k}" for k, n in counts.items() if n),
+                "best trial": f"{best.number}: {OBJECTIVE} {best.value:.4f} with {best.params}",
+            },
+            f"mlflow artifacts download -r {run.info.run_id} -a best_config.yaml -d . && "
+            "mlflow run . -e train --env-manager local -P config=best_config.yaml",
+        )
     return TuneResult(
         run.info.run_id, study.study_name, storage, best.value, best.params, best_config
     )

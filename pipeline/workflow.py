@@ -8,7 +8,7 @@ rerunning `main` after a failure resumes at the failed step. `force_rerun=true` 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import sys
 from typing import Any
 
 import mlflow
@@ -17,12 +17,12 @@ from mlflow.exceptions import ExecutionException
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PROJECT_ENTRY_POINT
 
 from pipeline.config import coerce, resolve_train_config
-from pipeline.data import SYNTHETIC, has_test_set
+from pipeline.data import canonical_source, has_test_set
 from pipeline.errors import PipelineError
-from pipeline.tracking import PROJECT_ROOT, git_commit, stage_run
+from pipeline.tracking import PROJECT_ROOT, git_commit, print_summary, stage_run
 
 INPUTS_TAG = "main.inputs"
-PREPROCESS_KEYS = ("data_dir", "val_fraction", "seed", "download")
+PREPROCESS_KEYS = ("data_dir", "val_fraction", "seed", "download", "skip_bad_images")
 
 
 def find_finished(
@@ -52,6 +52,8 @@ class StepFailedError(PipelineError):
 
 
 def failure_message(client: mlflow.MlflowClient, experiment_id: str, entry_point: str) -> str:
+    """Where the step's failure is; its error itself was printed by the step and is its `error`
+    tag, so it is not repeated here."""
     failed = client.search_runs(
         [experiment_id],
         filter_string=(
@@ -60,12 +62,10 @@ def failure_message(client: mlflow.MlflowClient, experiment_id: str, entry_point
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
-    if not failed:
-        return f"step {entry_point} failed; see its run in the MLflow UI."
-    run = failed[0]
+    where = f" (run {failed[0].info.run_id}, tag `error`)" if failed else ""
     return (
-        f"step {entry_point} failed (run {run.info.run_id}); rerun main to resume from it.\n"
-        f"{run.data.tags.get('error', 'see the run in the MLflow UI')}"
+        f"step {entry_point} failed{where}: its error is printed above. Fix it and rerun main: "
+        "the finished steps are reused and it resumes at this one."
     )
 
 
@@ -80,8 +80,13 @@ def get_or_run(
     params = {k: str(v) for k, v in params.items() if v not in (None, "")}
     inputs = inputs or {}
     if not force and (found := find_finished(experiment_id, entry_point, params, inputs)):
-        mlflow.set_tag(f"step.{entry_point}", f"reused {found.info.run_id}")
+        report_step(
+            entry_point,
+            f"reused {found.info.run_id} (finished before with the same "
+            "parameters, code and inputs)",
+        )
         return found, True
+    print(f"main: {entry_point}: running ...", file=sys.stderr, flush=True)
     client = mlflow.MlflowClient()
     try:
         submitted = mlflow.projects.run(
@@ -95,17 +100,21 @@ def get_or_run(
     except ExecutionException:
         raise StepFailedError(failure_message(client, experiment_id, entry_point)) from None
     client.set_tag(submitted.run_id, INPUTS_TAG, json.dumps(inputs, sort_keys=True))
-    mlflow.set_tag(f"step.{entry_point}", f"ran {submitted.run_id}")
+    report_step(entry_point, f"ran {submitted.run_id}")
     return client.get_run(submitted.run_id), False
+
+
+def report_step(entry_point: str, what: str) -> None:
+    """What happened to a step, on the main run (tag `step.<name>`) and on the screen."""
+    mlflow.set_tag(f"step.{entry_point}", what)
+    print(f"main: {entry_point}: {what}", file=sys.stderr, flush=True)
 
 
 def run_main(options: dict[str, Any]) -> dict[str, str]:
     """Run or reuse every step; returns the run id of each step."""
     force = coerce(options.pop("force_rerun", False), bool, "force_rerun")
-    options = {"model": "resnet18", **options}
     experiment_name = options.pop("experiment_name", None)
-    if options.get("data_dir", "data") != SYNTHETIC:
-        options["data_dir"] = str(Path(options.get("data_dir", "data")).resolve())
+    options["data_dir"] = canonical_source(options.get("data_dir", "data"))
     config = resolve_train_config(options)
     steps: dict[str, str] = {}
     with stage_run(experiment_name, "main") as run:
@@ -120,14 +129,37 @@ def run_main(options: dict[str, Any]) -> dict[str, str]:
             evaluate, _ = get_or_run(
                 experiment_id,
                 "evaluate",
-                {"model_uri": model_uri, "data_dir": config.data_dir},
+                {
+                    "model_uri": model_uri,
+                    "data_dir": config.data_dir,
+                    "skip_bad_images": config.skip_bad_images,
+                },
                 force=force,
             )
             steps["evaluate"] = evaluate.info.run_id
+        else:
+            report_step(
+                "evaluate",
+                f"skipped: {config.data_dir} has no test split. Add the official test_batch (or a "
+                "test/<class>/ folder beside train/) there, or evaluate on other data: mlflow run . "
+                f"-e evaluate --env-manager local -P model_uri={model_uri} -P data_dir=...",
+            )
         promote, _ = get_or_run(
             experiment_id, "promote", {}, inputs={"train_run_id": train.info.run_id}, force=force
         )
         steps["promote"] = promote.info.run_id
         mlflow.set_tags({"train_reused": reused, "model_uri": model_uri})
         mlflow.log_text(json.dumps(steps, indent=2), "steps.json")
+        decision = promote.data.tags.get("decision", "?")
+        print_summary(
+            "main",
+            {
+                "steps": ", ".join(f"{name} {run_id}" for name, run_id in steps.items()),
+                "model": model_uri,
+                "promote": f"{decision}: {promote.data.tags.get('decision_reason', '')}",
+            },
+            "mlflow models serve -m models:/cifar10-resnet@champion --env-manager local --port 5001"
+            if decision in ("promote", "force")
+            else f"mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}",
+        )
     return steps

@@ -8,21 +8,28 @@ skips the gate. The old champion keeps the alias `previous`, and `rollback` swap
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 
 import mlflow
 import numpy as np
-import pandas as pd
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from scipy.stats import binomtest
 
 from pipeline.config import PromoteConfig, config_to_params
-from pipeline.data import load_training_set, stratified_split
 from pipeline.errors import PipelineError
-from pipeline.tracking import git_commit, log_json, log_resolved_params, stage_run
-from registry.serving_model import MAX_IMAGES_PER_REQUEST, encode_png
+from pipeline.tracking import (
+    git_commit,
+    log_json,
+    log_resolved_params,
+    print_summary,
+    split_key,
+    stage_run,
+    validation_set_of,
+)
+from registry.serving_model import predict_in_chunks
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
@@ -35,21 +42,6 @@ class PromotionError(PipelineError):
 def rolled_back_tag(model_name: str) -> str:
     """Run tag that keeps a rolled-back run from being promoted to `model_name` again."""
     return f"rolled_back.{model_name}"
-
-
-def run_param(run: Run, key: str) -> str | None:
-    """The value a run really used: `resolved.<key>` where `mlflow run` logged something else."""
-    params = run.data.params
-    return params.get(f"resolved.{key}", params.get(key))
-
-
-def split_key(run: Run) -> tuple[str | None, ...]:
-    """What fixes a run's validation split: data source, fraction and seed."""
-    return (
-        run.data.tags.get("data_source"),
-        run_param(run, "val_fraction"),
-        run_param(run, "seed"),
-    )
 
 
 def model_uri_of(run: Run) -> str:
@@ -85,19 +77,12 @@ def find_candidates(
 
 def validation_predictions(run: Run, model_uris: list[str], batch_size: int):
     """Labels of the run's validation split and each model's predicted labels on it."""
-    data_source, val_fraction, seed = split_key(run)
-    data = load_training_set(data_source, download=False)
-    _, val_index = stratified_split(data.labels, float(val_fraction), int(seed))
-    encoded = [encode_png(image) for image in data.images[val_index]]
-    predictions = []
-    for uri in model_uris:
-        model = mlflow.pyfunc.load_model(uri)
-        labels = [
-            model.predict(pd.DataFrame({"image": encoded[i : i + batch_size]}))["label"]
-            for i in range(0, len(encoded), batch_size)
-        ]
-        predictions.append(np.concatenate(labels))
-    return data.labels[val_index], predictions
+    val = validation_set_of(run)
+    predictions = [
+        predict_in_chunks(mlflow.pyfunc.load_model(uri), val.images, batch_size).argmax(axis=1)
+        for uri in model_uris
+    ]
+    return val.labels, predictions
 
 
 def mcnemar_p_value(new_correct: np.ndarray, old_correct: np.ndarray) -> tuple[float, int, int]:
@@ -133,9 +118,8 @@ def gate(candidate: Run, champion: Run, config: PromoteConfig) -> Decision:
             + ("; forced" if config.force else "; pass force=true to promote anyway"),
             **ids,
         )
-    batch = min(config.batch_size, MAX_IMAGES_PER_REQUEST)
     labels, (new, old) = validation_predictions(
-        candidate, [model_uri_of(candidate), model_uri_of(champion)], batch
+        candidate, [model_uri_of(candidate), model_uri_of(champion)], config.batch_size
     )
     new_correct, old_correct = new == labels, old == labels
     p_value, new_only, old_only = mcnemar_p_value(new_correct, old_correct)
@@ -161,6 +145,44 @@ def gate(candidate: Run, champion: Run, config: PromoteConfig) -> Decision:
         champion_only_correct=old_only,
         **ids,
     )
+
+
+def first_champion_gate(candidate: Run, config: PromoteConfig) -> Decision:
+    """A first champion has nothing to beat but chance: its validation accuracy must be above
+    1 / classes by a one-sided binomial test at `alpha`, and at least `min_accuracy`."""
+    labels, (predicted,) = validation_predictions(
+        candidate, [model_uri_of(candidate)], config.batch_size
+    )
+    correct, total = int((predicted == labels).sum()), len(labels)
+    chance = 1 / len(json_classes(candidate))
+    p_value = float(binomtest(correct, total, chance, alternative="greater").pvalue)
+    accuracy = correct / total
+    numbers = (
+        f"validation accuracy {accuracy:.4f} ({correct}/{total}) against chance {chance:.3f}: "
+        f"p={p_value:.3g} (alpha {config.alpha}), min_accuracy {config.min_accuracy}"
+    )
+    earned = p_value < config.alpha and accuracy >= config.min_accuracy
+    action = "promote" if earned else "force" if config.force else "keep"
+    reason = (
+        f"first champion, {numbers}"
+        if earned
+        else f"refused as first champion, not better than chance or min_accuracy: {numbers}"
+        + ("; forced" if config.force else "; pass force=true to promote anyway")
+    )
+    return Decision(
+        action,
+        reason,
+        candidate_run_id=candidate.info.run_id,
+        candidate_val_accuracy=accuracy,
+        p_value=p_value,
+    )
+
+
+def json_classes(run: Run) -> list[str]:
+    """The class names a training run logged in its stats.json."""
+    return json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/stats.json"))[
+        "class_names"
+    ]
 
 
 def register(
@@ -219,7 +241,7 @@ def rollback(client: mlflow.MlflowClient, config: PromoteConfig) -> Decision:
 def decide(client: mlflow.MlflowClient, experiment_id: str, config: PromoteConfig) -> Decision:
     candidates = find_candidates(client, experiment_id, config)
     if not candidates:
-        return Decision("none", f"no finished {config.architectures} run with {config.metric}")
+        return Decision("none", no_candidate_reason(client, experiment_id, config))
     candidate = candidates[0]
     champion = alias_version(client, config.model_name, CHAMPION)
     if champion is not None and champion.run_id == candidate.info.run_id:
@@ -230,12 +252,31 @@ def decide(client: mlflow.MlflowClient, experiment_id: str, config: PromoteConfi
             version=str(champion.version),
         )
     if champion is None:
-        decision = Decision("promote", "no champion yet", candidate_run_id=candidate.info.run_id)
+        decision = first_champion_gate(candidate, config)
     else:
         decision = gate(candidate, client.get_run(champion.run_id), config)
     if decision.action in ("promote", "force"):
         decision.version = str(register(client, candidate, config, champion).version)
     return decision
+
+
+def no_candidate_reason(
+    client: mlflow.MlflowClient, experiment_id: str, config: PromoteConfig
+) -> str:
+    """What promote looked for, and what the experiment holds instead."""
+    finished = client.search_runs(
+        [experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=1000
+    )
+    trained = [r for r in finished if "model_uri" in r.data.tags]
+    found = sorted({r.data.tags.get("architecture", "?") for r in trained})
+    return (
+        f"no candidate: looked for finished runs of {config.architectures} with a logged model "
+        f"and the metric {config.metric} in experiment {experiment_id}; found "
+        f"{len(trained)} finished training run(s)"
+        + (f" of {found}" if found else "")
+        + ". Train one (mlflow run . -e train --env-manager local -P model=resnet18) or pass "
+        "-P architectures=... / -P candidate_experiment=..."
+    )
 
 
 def target_experiment_id(config: PromoteConfig, own_experiment_id: str) -> str:
@@ -265,4 +306,14 @@ def run_promote(config: PromoteConfig) -> Decision:
             | {"promoted": float(decision.action in ("promote", "force"))}
         )
         log_json(record, "decision.json")
+        champion = decision.action in ("promote", "force", "rollback")
+        print_summary(
+            "rollback" if config.rollback else "promote",
+            {"decision": decision.action, "why": decision.reason}
+            | ({"version": f"{config.model_name} version {decision.version}"} if champion else {}),
+            f"mlflow models serve -m models:/{config.model_name}@{CHAMPION} --env-manager local "
+            "--port 5001"
+            if champion
+            else "mlflow ui   (compare the candidates' validation accuracy)",
+        )
     return decision

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 import urllib.request
+
+from pipeline.config import ServeConfig
 
 
 def serve_command(model_uri: str, host: str, port: int | str, workers: int | str = 1) -> list[str]:
@@ -12,6 +15,12 @@ def serve_command(model_uri: str, host: str, port: int | str, workers: int | str
         "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
         "--host", host, "--port", str(port), "--workers", str(workers),
     ]  # fmt: skip
+
+
+def run_serve(config: ServeConfig) -> None:
+    """The `serve` entry point: `mlflow models serve` in the foreground, exiting with its code."""
+    command = serve_command(config.model_uri, config.host, config.port, config.workers)
+    sys.exit(subprocess.call(command))
 
 
 def wait_until_serving(base_url: str, process: subprocess.Popen, timeout: float = 120) -> None:

@@ -33,6 +33,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import AnyType, Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
+from pipeline.imaging import encode_png, to_rgb_32
 from pipeline.loader import normalize
 from pipeline.models import build_model
 
@@ -110,22 +111,6 @@ def decode_image(value: Any, index: int = 0) -> np.ndarray:
     return to_rgb_32(image)
 
 
-def to_rgb_32(image: Image.Image) -> np.ndarray:
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    image = image.convert("RGB")
-    if image.size != (32, 32):
-        image = image.resize((32, 32), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 @torch.no_grad()
 def predict_probabilities(
     model: torch.nn.Module,
@@ -147,6 +132,22 @@ def predict_probabilities(
             probabilities = (probabilities + model(batch.flip(-1)).float().softmax(dim=1)) / 2
         outputs.append(probabilities.cpu().numpy())
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+
+
+def predict_in_chunks(
+    model: mlflow.pyfunc.PyFuncModel, images: np.ndarray, batch_size: int, tta: bool = False
+) -> np.ndarray:
+    """Probabilities for uint8 NHWC images through a logged model's own `predict`, PNG-encoded as a
+    request would send them, in chunks within the per-request limit."""
+    size = max(1, min(batch_size, MAX_IMAGES_PER_REQUEST))
+    frames = [
+        model.predict(
+            pd.DataFrame({IMAGE_COLUMN: [encode_png(image) for image in images[i : i + size]]}),
+            params={"tta": tta},
+        )
+        for i in range(0, len(images), size)
+    ]
+    return np.array([p for frame in frames for p in frame["probabilities"]], dtype=np.float64)
 
 
 def keep_freed_memory() -> None:
@@ -257,7 +258,7 @@ def log_classifier(
         meta_path.write_text(json.dumps(meta, indent=2))
         return mlflow.pyfunc.log_model(
             name="model",
-            python_model=CifarClassifier(),
+            python_model=str(PACKAGE_ROOT / "registry" / "served_model.py"),
             artifacts={"weights": str(weights), "meta": str(meta_path)},
             code_paths=[str(PACKAGE_ROOT / "pipeline"), str(PACKAGE_ROOT / "registry")],
             signature=SIGNATURE,

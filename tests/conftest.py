@@ -7,8 +7,11 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from PIL import Image
 
-from pipeline.data import BATCH_DIR, make_synthetic, write_batch, write_meta
+from pipeline.cifar_batches import BATCH_DIR, write_batch, write_meta
+from pipeline.data import make_synthetic
+from pipeline.image_folder import CACHE_ENV
 
 REAL_SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-subset"
 
@@ -34,6 +37,44 @@ def cifar_dir(tmp_path: Path) -> Path:
     return write_cifar_dir(tmp_path / "cifar")
 
 
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Unpacked archives and decoded arrays go to a folder of this test session, never ~/.cache."""
+    cache = tmp_path_factory.getbasetemp() / "data-cache"
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    return cache
+
+
+def write_image_tree(
+    root: Path,
+    classes: tuple[str, ...] = ("cat", "dog", "frog"),
+    per_class: int = 40,
+    test_per_class: int = 0,
+    seed: int = 0,
+) -> Path:
+    """An image-folder tree `root/train/<class>/` (and `root/test/<class>/`) of learnable images in
+    mixed formats and sizes: PNG and JPEG, 32x32, 48x40 and grayscale."""
+    source = make_synthetic(len(classes) * (per_class + test_per_class) * 4, seed=seed)
+    for split, count in (("train", per_class), ("test", test_per_class)):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            if count:
+                folder.mkdir(parents=True, exist_ok=True)
+            images = source.images[source.labels == label]
+            offset = 0 if split == "train" else per_class
+            for i in range(count):
+                image = Image.fromarray(images[offset + i])
+                if i % 4 == 1:
+                    image.resize((48, 40)).save(folder / f"{i:04d}.jpg", quality=90)
+                elif i % 4 == 2:
+                    image.save(folder / f"{i:04d}.jpeg", format="JPEG", quality=95)
+                elif i % 4 == 3:
+                    image.convert("L").save(folder / f"{i:04d}.png")
+                else:
+                    image.save(folder / f"{i:04d}.png")
+    return root
+
+
 @pytest.fixture(scope="session")
 def tracking_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("mlflow")
@@ -48,7 +89,10 @@ def tracking(tracking_dir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.chdir(tracking_dir)
     mlflow.set_tracking_uri(uri)
     name = f"test-{uuid.uuid4().hex[:8]}"
-    mlflow.set_experiment(name)
+    experiment = mlflow.set_experiment(name)
+    # set_experiment also exports MLFLOW_EXPERIMENT_ID; through monkeypatch it is removed afterwards
+    # instead of leaking into later tests' subprocesses.
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment.experiment_id)
     yield name
     while mlflow.active_run():
         mlflow.end_run("FAILED")

@@ -12,7 +12,7 @@ from pipeline.config import (
 
 def test_model_yaml_then_config_file_then_overrides(tmp_path):
     base = resolve_train_config({"model": "resnet18"})
-    assert (base.optimizer, base.lr, base.epochs) == ("sgd", 0.1, 30)
+    assert (base.optimizer, base.lr, base.epochs) == ("sgd", 0.2, 50)
     config_file = tmp_path / "best.yaml"
     config_file.write_text("model: resnet18\nlr: 0.05\nepochs: 7\n")
     from_file = resolve_train_config({"config": str(config_file)})

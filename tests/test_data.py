@@ -8,21 +8,23 @@ import threading
 import numpy as np
 import pytest
 
-from pipeline import data
-from pipeline.data import (
+from pipeline import cifar_batches, data
+from pipeline.cifar_batches import (
     BATCH_DIR,
     DataIntegrityError,
     DataUnavailableError,
-    channel_stats,
     download_cifar10,
+    md5sum,
+    write_batch,
+)
+from pipeline.data import (
+    channel_stats,
     duplicate_counts,
     load_test_set,
     load_training_set,
     make_splits,
     make_synthetic,
-    md5sum,
     stratified_split,
-    write_batch,
 )
 from tests.conftest import write_cifar_dir
 
@@ -35,7 +37,7 @@ def test_partial_directory_reads_whatever_batches_exist(tmp_path):
     assert len(train) == 80
     assert train.images.shape == (80, 32, 32, 3) and train.images.dtype == np.uint8
     assert train.class_names[0] == "airplane"
-    with pytest.raises(DataUnavailableError, match="has no test_batch"):
+    with pytest.raises(DataUnavailableError, match="has no test split"):
         load_test_set(root, download=False)
 
 
@@ -62,7 +64,7 @@ def test_corrupt_batch_names_the_file(tmp_path):
 
 
 def test_offline_error_names_directory_url_and_both_fixes(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "CIFAR10_URL", UNREACHABLE_URL)
+    monkeypatch.setattr(cifar_batches, "CIFAR10_URL", UNREACHABLE_URL)
     with pytest.raises(DataUnavailableError) as error:
         load_training_set(tmp_path / "nowhere")
     message = str(error.value)
@@ -73,7 +75,7 @@ def test_offline_error_names_directory_url_and_both_fixes(tmp_path, monkeypatch)
 
 def test_cli_exits_nonzero_with_message_not_traceback(tmp_path):
     script = (
-        "import sys; from pipeline import data; data.CIFAR10_URL = sys.argv[1]; "
+        "import sys; from pipeline import cifar_batches; cifar_batches.CIFAR10_URL = sys.argv[1]; "
         "from pipeline.cli import main; main(['preprocess', '--data-dir', sys.argv[2]])"
     )
     result = subprocess.run(
@@ -185,6 +187,6 @@ def test_real_subset_loads_with_expected_counts(real_subset):
 
 def test_synthetic_source_needs_no_files_and_has_a_test_set():
     train, test = load_training_set("synthetic"), load_test_set("synthetic")
-    assert (len(train), len(test)) == (data.SYNTHETIC_TRAIN_SIZE, data.SYNTHETIC_TEST_SIZE)
+    assert (len(train), len(test)) == (data.SYNTHETIC_SIZES["train"], data.SYNTHETIC_SIZES["test"])
     assert train.source == "synthetic"
     assert not np.array_equal(train.images[: len(test)], test.images)

@@ -43,6 +43,14 @@ def test_metrics_match_hand_computed_values():
     assert m["test_ece"] == pytest.approx(sum(gaps) / 5)
 
 
+def test_metrics_work_for_two_classes():
+    labels = np.array([0, 1, 1, 0])
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    metrics = classification_metrics(labels, probabilities, ("cat", "dog"))
+    assert metrics["test_accuracy"] == 0.5 and metrics["test_top2_accuracy"] == 1.0
+    assert {"test_f1_cat", "test_f1_dog"} <= set(metrics)
+
+
 def test_ece_is_zero_for_perfect_calibration():
     probs = np.array([[1.0, 0.0], [0.0, 1.0]])
     assert expected_calibration_error(probs, np.array([0, 1])) == 0
@@ -113,7 +121,7 @@ def test_evaluate_logs_everything_and_matches_an_independent_reload(trained, tra
 def test_missing_test_batch_is_a_clear_error(tracking, tmp_path):
     data_dir = write_cifar_dir(tmp_path, per_batch=50, batches=1, test_images=0)
     config = EvaluateConfig(model_uri="runs:/x/model", data_dir=str(data_dir))
-    with pytest.raises(DataUnavailableError, match="has no test_batch"):
+    with pytest.raises(DataUnavailableError, match="has no test split"):
         run_evaluate(config)
 
 
@@ -146,3 +154,23 @@ def test_real_test_images_score_what_an_independent_reload_gives(tracking, tmp_p
         f1_score(test.labels, predicted, average="macro"), abs=0.002
     )
     assert evaluated.metrics["test_accuracy"] > 0.3
+
+
+def test_evaluate_on_other_data_leaves_the_training_run_unchanged(tracking, tmp_path, capsys):
+    trained = run_train(
+        resolve_train_config(
+            {"data_dir": "synthetic", "epochs": 1, "width": 8, "max_train_images": 256}
+            | {"experiment_name": tracking}
+        )
+    )
+    other = write_cifar_dir(tmp_path, per_batch=30, batches=1, test_images=40)
+    evaluated = run_evaluate(
+        EvaluateConfig(model_uri=trained.model_uri, data_dir=str(other), gradcam_per_class=0)
+    )
+    assert "test_accuracy" not in mlflow.get_run(trained.run_id).data.metrics
+    tags = mlflow.get_run(evaluated.run_id).data.tags
+    assert (
+        tags["written_back"] == "False"
+        and "was trained on synthetic" in tags["written_back_reason"]
+    )
+    assert "not written back: run" in capsys.readouterr().out

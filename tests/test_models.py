@@ -4,6 +4,7 @@ import pytest
 import torch
 from torchvision import models as tv_models
 
+from pipeline.config import EXPERIMENTS_DIR
 from pipeline.models import (
     WeightsUnavailableError,
     build_model,
@@ -14,21 +15,19 @@ from pipeline.models import (
 )
 
 
-def test_registry_has_every_architecture():
-    assert model_names() == [
-        "cnn",
-        "resnet18",
-        "resnet18_pretrained",
-        "vgg16_finetune",
-        "vgg16_transfer",
-    ]
+def test_every_registered_model_has_a_recipe_and_a_search_space():
+    recipes = {p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")}
+    spaces = {p.stem for p in (EXPERIMENTS_DIR / "search_spaces").glob("*.yaml")}
+    assert set(model_names()) == recipes == spaces
+    assert {"cnn", "resnet18", "vgg16_transfer", "vgg16_finetune"} <= set(model_names())
 
 
-@pytest.mark.parametrize("name", ["cnn", "resnet18", "resnet18_pretrained", "vgg16_transfer"])
-def test_models_map_cifar_images_to_ten_logits(name):
-    model = build_model(name, num_classes=10).eval()
+@pytest.mark.parametrize("name", model_names())
+@pytest.mark.parametrize("num_classes", [3, 10])
+def test_models_map_32x32_images_to_one_logit_per_class(name, num_classes):
+    model = build_model(name, num_classes=num_classes).eval()
     with torch.no_grad():
-        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, num_classes)
     assert isinstance(gradcam_target_layer(model), torch.nn.Conv2d)
 
 

@@ -5,10 +5,11 @@ import mlflow
 import numpy as np
 import pytest
 
+from pipeline.cifar_batches import BATCH_DIR, DataIntegrityError, read_batch, write_batch
 from pipeline.config import PreprocessConfig
-from pipeline.data import BATCH_DIR, DataIntegrityError, read_batch, write_batch
+from pipeline.data import BadDataError
 from pipeline.preprocess import run_preprocess
-from tests.conftest import write_cifar_dir
+from tests.conftest import write_cifar_dir, write_image_tree
 
 PLOTS = {
     "plots/class_distribution.png",
@@ -50,7 +51,7 @@ def test_preprocess_logs_counts_integrity_stats_and_plots(tracking, tmp_path):
     assert metrics["val_images"] == pytest.approx(0.2 * 203, abs=1)
     assert metrics["duplicates_within_train"] >= 3
     assert metrics["duplicates_train_test"] >= 1
-    assert metrics["unreadable_files"] == 0 and metrics["missing_batches"] == 3
+    assert metrics["unreadable_files"] == 0 and metrics["num_classes"] == 10
     assert (
         sum(metrics[f"train_count_{c}"] for c in result.stats["class_names"])
         == metrics["train_images"]
@@ -59,12 +60,9 @@ def test_preprocess_logs_counts_integrity_stats_and_plots(tracking, tmp_path):
     stats = load_json(result.run_id, "stats.json")
     assert len(stats["mean"]) == len(stats["std"]) == 3 and all(0 < m < 1 for m in stats["mean"])
     assert stats["counts"]["test"] == 40
-    integrity = {e["file"]: e for e in load_json(result.run_id, "integrity.json")}
-    assert (
-        integrity["data_batch_1"]["shape"] == [32, 32, 3]
-        and integrity["data_batch_3"]["status"] == "missing"
-    )
-    assert run.inputs.dataset_inputs[0].dataset.name == "cifar10-train"
+    assert load_json(result.run_id, "integrity.json") == []
+    dataset = run.inputs.dataset_inputs[0].dataset
+    assert dataset.name == "cifar-10-batches-py" and dataset.digest == stats["train_digest"]
 
 
 def test_unreadable_file_is_reported_then_fails_the_run(tracking, tmp_path):
@@ -75,7 +73,8 @@ def test_unreadable_file_is_reported_then_fails_the_run(tracking, tmp_path):
     run = mlflow.search_runs(experiment_names=[tracking]).iloc[0]
     assert run["status"] == "FAILED" and run["metrics.unreadable_files"] == 1
     integrity = {e["file"]: e for e in load_json(run["run_id"], "integrity.json")}
-    assert integrity["data_batch_2"]["status"] == "unreadable"
+    assert integrity["data_batch_2"]["kind"] == "unreadable"
+    assert run["metrics.train_images"] + run["metrics.val_images"] == 100
 
 
 def test_real_subset_statistics_in_well_under_a_minute(tracking, real_subset):
@@ -92,3 +91,29 @@ def test_real_subset_statistics_in_well_under_a_minute(tracking, real_subset):
     for name in stats["class_names"]:
         share = val_counts[name] / (train_counts[name] + val_counts[name])
         assert share == pytest.approx(0.1, abs=0.01)
+
+
+def test_image_folder_problems_are_listed_then_fail_unless_skipped(tracking, tmp_path):
+    tree = write_image_tree(tmp_path / "pets", per_class=20, test_per_class=4)
+    (tree / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 no")
+    (tree / "train" / "bird").mkdir()
+    (tree / "test" / "horse").mkdir()
+    (tree / "test" / "horse" / "0.png").write_bytes(
+        (tree / "test" / "cat" / "0000.png").read_bytes()
+    )
+    with pytest.raises(BadDataError, match="broken.jpg"):
+        run_preprocess(PreprocessConfig(data_dir=str(tree), experiment_name=tracking))
+    run = mlflow.search_runs(experiment_names=[tracking]).iloc[0]
+    assert run["status"] == "FAILED"
+    assert run["metrics.unreadable_files"] == 1 and run["metrics.empty_class_files"] == 1
+    problems = load_json(run["run_id"], "integrity.json")
+    assert {(p["split"], p["kind"], p["file"]) for p in problems} == {
+        ("train", "unreadable", "cat/broken.jpg"),
+        ("train", "empty_class", "bird/"),
+        ("test", "unknown_class", "horse/"),
+    }
+    result = run_preprocess(
+        PreprocessConfig(data_dir=str(tree), skip_bad_images=True, experiment_name=tracking)
+    )
+    assert result.stats["class_names"] == ["cat", "dog", "frog"]
+    assert result.stats["counts"]["test"] == 12

@@ -1,12 +1,16 @@
 """The project's own promises: MLproject entry points, dependency lists in step, CI = README."""
 
+import dataclasses
 import re
+import typing
 from pathlib import Path
 
 import tomllib
 import yaml
 
-from pipeline.cli import build_parser
+from pipeline.cli import CONFIGS, MAIN_EXTRA, build_parser
+from pipeline.config import TrainConfig, coerce
+from scripts.write_mlproject import mlproject_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,3 +56,50 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert match, "README must show the test command after <!-- test-command -->"
     ci_lines = (ROOT / ".ci" / "run").read_text().strip().splitlines()
     assert ci_lines[-1] == match.group(1).strip()
+
+
+def load_entry_points() -> dict:
+    return yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
+
+
+def test_mlproject_is_generated_from_the_configs():
+    assert (ROOT / "MLproject").read_text() == mlproject_text(), (
+        "MLproject is out of date: run python -m scripts.write_mlproject"
+    )
+
+
+def test_every_mlproject_default_means_the_config_default():
+    """Read as MLflow reads it: each parameter is a config field, and its default (as the CLI will
+    coerce it) is the dataclass default, or empty for "use experiments/<model>.yaml"."""
+    for entry, spec in load_entry_points().items():
+        config = TrainConfig if entry == "main" else CONFIGS[entry]
+        hints = typing.get_type_hints(config)
+        fields = {f.name: f for f in dataclasses.fields(config)}
+        for name, parameter in spec["parameters"].items():
+            assert isinstance(parameter, dict), f"{entry}.{name}: a value lost to a YAML comma?"
+            if name in MAIN_EXTRA and entry == "main":
+                assert coerce(str(parameter["default"]), bool, name) == MAIN_EXTRA[name]
+                continue
+            assert name in fields, f"{entry}: {name} is not a field of {config.__name__}"
+            if "default" not in parameter or str(parameter["default"]) == "":
+                continue
+            field = fields[name]
+            expected = (
+                field.default_factory()
+                if field.default_factory is not dataclasses.MISSING
+                else field.default
+            )
+            actual = coerce(str(parameter["default"]), hints[name], name)
+            assert actual == expected, f"{entry}.{name}: {actual!r} != {expected!r}"
+
+
+def test_main_takes_what_train_takes_with_the_same_defaults():
+    entry_points = load_entry_points()
+    train, main = entry_points["train"]["parameters"], entry_points["main"]["parameters"]
+    assert set(main) == (set(train) - {"resume_run_id"}) | set(MAIN_EXTRA)
+    assert all(main[name] == train[name] for name in set(main) & set(train))
+
+
+def test_promote_entry_point_sees_both_resnets():
+    default = load_entry_points()["promote"]["parameters"]["architectures"]["default"]
+    assert coerce(default, list[str], "architectures") == ["resnet18", "resnet18_pretrained"]

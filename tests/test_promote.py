@@ -16,10 +16,8 @@ def train_in(experiment: str, **overrides) -> str:
 
 def promote(model_name: str, experiment: str, **overrides):
     config = PromoteConfig(
-        model_name=model_name,
-        experiment_name=experiment,
-        architectures=["cnn"],
-        **overrides,
+        **{"model_name": model_name, "experiment_name": experiment, "architectures": ["cnn"]}
+        | overrides
     )
     return run_promote(config)
 
@@ -43,6 +41,7 @@ def candidates(tmp_path_factory):
         runs = {
             "bad": train_in("bad", epochs=1, lr=1e-9, schedule="constant", max_train_images=256),
             "good": train_in("good", epochs=4, max_train_images=2000),
+            "mediocre": train_in("mediocre", epochs=2, max_train_images=1000),  # ~0.4
             "twin": train_in("twin", epochs=4, max_train_images=1990),
         }
         yield runs, patch
@@ -52,8 +51,14 @@ def test_promotion_lifecycle(candidates):
     runs, patch = candidates
     name = "lifecycle"
 
-    first = promote(name, "bad")
-    assert first.action == "promote" and aliases(name) == {"champion": "1"}
+    refused = promote(name, "bad")
+    assert refused.action == "keep" and refused.p_value >= 0.05
+    assert (
+        "refused as first champion" in refused.reason and "against chance 0.100" in refused.reason
+    )
+    assert not mlflow.MlflowClient().search_registered_models(f"name = '{name}'")
+    first = promote(name, "bad", force=True)
+    assert first.action == "force" and aliases(name) == {"champion": "1"}
 
     again = promote(name, "bad")
     assert again.action == "none" and versions(name) == 1 and aliases(name) == {"champion": "1"}
@@ -81,14 +86,31 @@ def test_promotion_lifecycle(candidates):
     assert after.action == "none" and aliases(name) == {"champion": "2", "previous": "3"}
 
     logged = mlflow.search_runs(experiment_names=["bad"], filter_string="tags.decision = 'keep'")
-    assert len(logged) == 1 and logged["metrics.promoted"].iloc[0] == 0
+    assert len(logged) == 2 and (logged["metrics.promoted"] == 0).all()  # refused first, worse
     assert logged["metrics.champion_val_accuracy"].iloc[0] == worse.champion_val_accuracy
     assert "not better enough" in logged["tags.decision_reason"].iloc[0]
 
 
+def test_first_champion_must_beat_chance_and_min_accuracy(candidates, capsys):
+    first = promote("first", "mediocre", min_accuracy=0.9)
+    assert first.action == "keep" and "min_accuracy 0.9" in first.reason
+    assert 0.2 < first.candidate_val_accuracy < 0.9 and first.p_value < 1e-6
+    assert "refused as first champion" in capsys.readouterr().out
+    assert promote("first", "mediocre").action == "promote"
+    assert aliases("first") == {"champion": "1"}
+    assert "next: mlflow models serve -m models:/first@champion" in capsys.readouterr().out
+
+
+def test_no_candidate_says_what_it_looked_for_and_found(candidates):
+    decision = promote("nothing", "good", architectures=["resnet18"])
+    assert decision.action == "none"
+    assert "looked for finished runs of ['resnet18']" in decision.reason
+    assert "found 1 finished training run(s) of ['cnn']" in decision.reason
+
+
 def test_min_delta_blocks_a_small_gain(candidates):
     name = "min-delta"
-    promote(name, "bad")
+    promote(name, "bad", force=True)
     blocked = promote(name, "good", min_delta=0.99)
     assert blocked.action == "keep" and "min_delta" in blocked.reason
     assert aliases(name) == {"champion": "1"}

@@ -1,3 +1,5 @@
+import json
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -5,11 +7,11 @@ import pytest
 import torch
 
 from pipeline.config import resolve_train_config
-from pipeline.data import load_test_set
+from pipeline.data import BadDataError, load_test_set
 from pipeline.models import model_names
-from pipeline.train import NonFiniteLossError, run_train, select_device
+from pipeline.train import NonFiniteLossError, fit, prepare_training, run_train, select_device
 from registry.serving_model import encode_png
-from tests.conftest import write_cifar_dir
+from tests.conftest import write_cifar_dir, write_image_tree
 
 EPOCH_METRICS = {
     "train_loss",
@@ -59,7 +61,7 @@ def test_every_model_trains_and_logs_a_servable_model(tracking, data_256, name):
     )
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
     assert {"config.yaml", "stats.json", "checkpoints"} <= artifacts
-    assert run.inputs.dataset_inputs[0].dataset.name == "cifar10-train"
+    assert run.inputs.dataset_inputs[0].dataset.name == "cifar-10-batches-py"
     test = load_test_set(data_256)
     out = predict_pngs(result.model_uri, test.images)
     assert list(out.columns) == ["label", "class_name", "probabilities"]
@@ -85,27 +87,43 @@ class Crash(Exception):
     pass
 
 
-def test_resume_ends_with_the_weights_of_an_unbroken_run(tracking):
-    settings = {"data_dir": "synthetic", "epochs": 3, "width": 8, "max_train_images": 384}
+def crash_then_resume(tracking: str, settings: dict, crash_after_epoch: int):
+    """An unbroken run, and one that crashes after `crash_after_epoch` and is resumed in place.
+    Returns (unbroken result, crashed run id, resumed result)."""
     unbroken = run_train(tiny_config(tracking, **settings))
 
-    def crash_after_second_epoch(epoch, metrics):
-        if epoch == 1:
+    def crash(epoch, metrics, checkpoint):
+        if epoch == crash_after_epoch:
             raise Crash
 
     with pytest.raises(Crash):
-        run_train(tiny_config(tracking, **settings), on_epoch_end=crash_after_second_epoch)
+        run_train(tiny_config(tracking, **settings), callbacks=[crash])
     crashed = mlflow.search_runs(
         experiment_names=[tracking], filter_string="attributes.status = 'FAILED'"
     ).run_id[0]
-    resumed = run_train(tiny_config(tracking, resume_run_id=crashed))
+    return unbroken, crashed, run_train(tiny_config(tracking, resume_run_id=crashed))
+
+
+def assert_same_weights(first_uri: str, second_uri: str) -> None:
+    expected, actual = state_of(first_uri), state_of(second_uri)
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_resume_ends_with_the_weights_of_an_unbroken_run(tracking):
+    settings = {
+        "data_dir": "synthetic",
+        "epochs": 3,
+        "width": 8,
+        "max_train_images": 384,
+        "checkpoint_seconds": 0,
+    }
+    unbroken, crashed, resumed = crash_then_resume(tracking, settings, crash_after_epoch=1)
     assert resumed.run_id == crashed and resumed.epochs_run == 3
     run = mlflow.get_run(crashed)
     assert run.info.status == "FINISHED" and run.data.tags["resumed_from_epoch"] == "2"
     history = mlflow.MlflowClient().get_metric_history(crashed, "val_accuracy")
     assert sorted(m.step for m in history) == [0, 1, 2]
-    expected, actual = state_of(unbroken.model_uri), state_of(resumed.model_uri)
-    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    assert_same_weights(unbroken.model_uri, resumed.model_uri)
 
 
 def test_non_finite_loss_fails_the_run_naming_epoch_and_step(tracking):
@@ -116,7 +134,7 @@ def test_non_finite_loss_fails_the_run_naming_epoch_and_step(tracking):
         width=8,
         max_train_images=256,
         optimizer="sgd",
-        lr=1e12,
+        lr=1e20,  # 1e12 can stay finite behind batch norm; 1e20 overflows to NaN
         schedule="constant",
     )
     with pytest.raises(NonFiniteLossError, match=r"at epoch \d+, step \d+.*learning rate"):
@@ -141,3 +159,76 @@ def test_early_stopping_keeps_the_best_epoch(tracking):
     result = run_train(config)
     assert result.epochs_run == 3 and result.best_epoch == 0
     assert mlflow.get_run(result.run_id).data.metrics["stopped_early"] == 1.0
+
+
+def test_finetune_resumed_across_the_unfreeze_boundary_ends_like_an_unbroken_run(tracking):
+    """vgg16_finetune: epoch 1 frozen (only the head learns), epochs 2-3 unfrozen at lr x factor.
+    A crash right after the first unfrozen epoch resumes to exactly the unbroken weights."""
+    settings = {
+        "model": "vgg16_finetune",
+        "data_dir": "synthetic",
+        "epochs": 3,
+        "freeze_epochs": 1,
+        "max_train_images": 64,
+        "batch_size": 32,
+        "checkpoint_seconds": 0,
+    }
+    unbroken, crashed, resumed = crash_then_resume(tracking, settings, crash_after_epoch=1)
+    assert mlflow.get_run(crashed).data.tags["resumed_from_epoch"] == "2"
+    assert_same_weights(unbroken.model_uri, resumed.model_uri)
+
+
+def test_frozen_phase_trains_only_the_head(tracking):
+    config = tiny_config(
+        tracking,
+        model="vgg16_transfer",
+        data_dir="synthetic",
+        epochs=1,
+        max_train_images=64,
+        batch_size=32,
+    )
+    prepared = prepare_training(config)
+    features = {k: v.clone() for k, v in prepared.model.features.state_dict().items()}
+    head = {k: v.clone() for k, v in prepared.model.classifier.state_dict().items()}
+    fit(prepared.model, "vgg16_transfer", prepared.train_batches, prepared.val_batches, config)
+    after_features = prepared.model.features.state_dict()
+    assert all(torch.equal(features[k], after_features[k]) for k in features)
+    after_head = prepared.model.classifier.state_dict()
+    assert any(not torch.equal(head[k], after_head[k]) for k in head)
+
+
+def test_bad_images_stop_training_before_it_starts_unless_skipped(tracking, tmp_path):
+    tree = write_image_tree(tmp_path / "pets", per_class=20)
+    (tree / "train" / "dog" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    config = {"model": "cnn", "data_dir": str(tree), "epochs": 1, "width": 8, "batch_size": 16}
+    with pytest.raises(BadDataError, match="dog/truncated.jpg"):
+        run_train(tiny_config(tracking, **config))
+    refused = mlflow.search_runs(experiment_names=[tracking]).iloc[0]
+    assert refused["status"] == "FAILED" and "dog/truncated.jpg" in refused["tags.error"]
+    assert "metrics.val_accuracy" not in refused or np.isnan(refused["metrics.val_accuracy"])
+    result = run_train(tiny_config(tracking, **config, skip_bad_images=True))
+    run = mlflow.get_run(result.run_id)
+    assert run.data.metrics["skipped_files"] == 1
+    skipped = json.loads(mlflow.artifacts.load_text(f"runs:/{result.run_id}/skipped_files.json"))
+    assert [p["file"] for p in skipped] == ["dog/truncated.jpg"]
+    assert run.data.metrics["train_images"] + run.data.metrics["val_images"] == 60
+
+
+def test_run_killed_before_its_first_checkpoint_resumes_from_the_start(tracking, capsys):
+    """With checkpoints at most once an hour, a crash after epoch 2 of 3 leaves none: resuming
+    trains the run again from epoch 1 with its logged config, logs each epoch once, and ends with
+    the unbroken run's weights."""
+    settings = {
+        "data_dir": "synthetic",
+        "epochs": 3,
+        "width": 8,
+        "max_train_images": 384,
+        "checkpoint_seconds": 3600,
+    }
+    unbroken, crashed, resumed = crash_then_resume(tracking, settings, crash_after_epoch=1)
+    assert "has no checkpoint yet: training it again from epoch 1" in capsys.readouterr().err
+    run = mlflow.get_run(crashed)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_epoch"] == "0"
+    history = mlflow.MlflowClient().get_metric_history(crashed, "val_accuracy")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+    assert_same_weights(unbroken.model_uri, resumed.model_uri)

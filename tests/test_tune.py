@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -45,12 +46,20 @@ def tiny(tracking, storage, space):
     )
 
 
-def test_tiny_study_end_to_end(tracking, tmp_path, storage, tiny):
+def test_tiny_study_end_to_end(tracking, tmp_path, storage, tiny, capsys, recwarn):
     config = tiny(n_trials=8, prune_after_epochs=2, study_name="tiny")
     result = run_tune(config)
     study = optuna.load_study(study_name="tiny", storage=storage)
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(finished) == 8
+    printed = capsys.readouterr()
+    trial_lines = re.findall(r"^trial (\d+)  (COMPLETE|PRUNED)", printed.err, re.M)
+    assert sorted(int(n) for n, _ in trial_lines) == [t.number for t in finished]
+    best = study.best_trial
+    assert f"best trial: {best.number}: val_accuracy {best.value:.4f}" in printed.out
+    assert "-P config=best_config.yaml" in printed.out
+    assert study.metric_names == ["val_accuracy"]
+    assert not [w for w in recwarn if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
     states = {t.state for t in finished}
     assert optuna.trial.TrialState.PRUNED in states and optuna.trial.TrialState.COMPLETE in states
 

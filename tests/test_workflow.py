@@ -1,15 +1,27 @@
 import mlflow
 import pytest
+import torch
+from torchvision import models as tv_models
 
 from pipeline.workflow import StepFailedError, run_main
 
+# A ResNet that beats chance in seconds (0.94 on synthetic), so the promote step earns a champion.
 TINY_MAIN = {
     "data_dir": "synthetic",
-    "model": "resnet18",
-    "epochs": "1",
-    "max_train_images": "64",
-    "batch_size": "32",
+    "model": "resnet18_pretrained",
+    "pretrained": "false",
+    "epochs": "2",
+    "max_train_images": "512",
+    "batch_size": "64",
 }
+
+
+def failed_step_error(experiment: str, entry_point: str) -> str:
+    failed = mlflow.search_runs(
+        experiment_names=[experiment],
+        filter_string=f"status = 'FAILED' and tags.`mlflow.project.entryPoint` = '{entry_point}'",
+    )
+    return failed["tags.error"].iloc[0]
 
 
 def test_main_runs_every_step_once_then_reuses_them(tracking):
@@ -26,6 +38,9 @@ def test_main_runs_every_step_once_then_reuses_them(tracking):
     assert "test_accuracy" in evaluate.data.metrics
     promote = mlflow.get_run(first["promote"])
     assert promote.data.tags["decision"] == "promote"
+    # promote ran through `mlflow run`, whose default architectures once lost resnet18_pretrained
+    champion = mlflow.MlflowClient().get_model_version_by_alias("cifar10-resnet", "champion")
+    assert champion.tags["architecture"] == "resnet18_pretrained"
 
     second = run_main({**TINY_MAIN, "experiment_name": tracking})
     assert second == first
@@ -40,8 +55,35 @@ def test_main_runs_every_step_once_then_reuses_them(tracking):
 
 def test_main_without_data_fails_at_preprocess_with_the_clear_error(tracking, tmp_path):
     options = {**TINY_MAIN, "data_dir": str(tmp_path / "empty"), "download": "false"}
-    with pytest.raises(StepFailedError, match="step preprocess failed") as error:
+    with pytest.raises(StepFailedError, match="step preprocess failed.*printed above"):
         run_main({**options, "experiment_name": tracking})
-    assert "CIFAR-10 not found in" in str(error.value) and "-P data_dir=" in str(error.value)
+    error = failed_step_error(tracking, "preprocess")
+    assert "CIFAR-10 not found in" in error and "-P data_dir=" in error
     entry_points = mlflow.search_runs(experiment_names=[tracking])["tags.mlflow.project.entryPoint"]
     assert "train" not in set(entry_points.dropna())
+
+
+def test_rerunning_main_after_a_failed_step_resumes_at_that_step(tracking, tmp_path):
+    weights = tmp_path / "resnet18-f37072fd.pth"
+    options = {
+        **TINY_MAIN,
+        "model": "resnet18_pretrained",
+        "pretrained": "true",
+        "weights_path": str(weights),
+        "experiment_name": tracking,
+    }
+    with pytest.raises(StepFailedError, match="step train failed"):
+        run_main(dict(options))
+    assert "weights_path" in failed_step_error(tracking, "train")
+    first_preprocess = mlflow.search_runs(
+        experiment_names=[tracking],
+        filter_string="tags.`mlflow.project.entryPoint` = 'preprocess'",
+    )
+    assert len(first_preprocess) == 1
+
+    torch.save(tv_models.resnet18().state_dict(), weights)  # the user puts the file there
+    steps = run_main(dict(options))
+    assert steps["preprocess"] == first_preprocess.run_id[0]
+    assert mlflow.get_run(steps["train"]).info.status == "FINISHED"
+    promote = mlflow.get_run(steps["promote"])  # the registry is shared: promote or keep
+    assert promote.info.status == "FINISHED" and "decision" in promote.data.tags
