@@ -39,7 +39,10 @@ def cifar_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def data_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Unpacked archives and decoded arrays go to a folder of this test session, never ~/.cache."""
+    """Unpacked archives and decoded arrays go to a folder of this test session, never ~/.cache.
+    `mlflow.set_experiment` exports MLFLOW_EXPERIMENT_ID for good; each test starts without it,
+    and whatever a test sets is removed afterwards, so no subprocess inherits another test's."""
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     cache = tmp_path_factory.getbasetemp() / "data-cache"
     monkeypatch.setenv(CACHE_ENV, str(cache))
     return cache
@@ -89,10 +92,7 @@ def tracking(tracking_dir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.chdir(tracking_dir)
     mlflow.set_tracking_uri(uri)
     name = f"test-{uuid.uuid4().hex[:8]}"
-    experiment = mlflow.set_experiment(name)
-    # set_experiment also exports MLFLOW_EXPERIMENT_ID; through monkeypatch it is removed afterwards
-    # instead of leaking into later tests' subprocesses.
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment.experiment_id)
+    mlflow.set_experiment(name)
     yield name
     while mlflow.active_run():
         mlflow.end_run("FAILED")
