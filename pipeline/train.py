@@ -14,10 +14,12 @@ from typing import Any
 
 import mlflow
 import torch
+import yaml
+from mlflow.exceptions import MlflowException
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.config import TrainConfig, build_config, config_to_params, dump_yaml
+from pipeline.config import ConfigError, TrainConfig, build_config, config_to_params, dump_yaml
 from pipeline.data import Splits, has_test_set, load_training_set, make_splits
 from pipeline.errors import PipelineError
 from pipeline.imaging import ImageSet
@@ -329,7 +331,7 @@ def announce_training(prepared: Prepared, config: TrainConfig, first_epoch: int)
     epochs = config.epochs - first_epoch
     line = (
         f"training {config.model} on {prepared.device}: {len(prepared.splits.train):,} images "
-        f"({len(prepared.splits.val):,} for validation), {epochs} epochs"
+        f"({len(prepared.splits.val):,} for validation), {epochs} epoch{'s' * (epochs != 1)}"
     )
     if prepared.device.type != "cpu":
         print(f"{line}; the first epoch gives the ETA", file=sys.stderr, flush=True)
@@ -432,11 +434,15 @@ def log_training_inputs(prepared: Prepared, config: TrainConfig) -> None:
 
 def stored_config(run_id: str) -> TrainConfig:
     """The resolved config a run was started with (read back from its `config.yaml`)."""
-    import yaml
-
-    text = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
-    values = yaml.safe_load(text)
-    return build_config(TrainConfig, values, {"resume_run_id": run_id})
+    try:
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
+    except MlflowException as error:
+        raise ConfigError(
+            f"Cannot resume run {run_id}: it has no config.yaml ({error.message.splitlines()[0]}). "
+            "Only a train run that logged its config can be resumed; start a new run instead "
+            "(leave resume_run_id empty)."
+        ) from None
+    return build_config(TrainConfig, yaml.safe_load(text), {"resume_run_id": run_id})
 
 
 def load_resume_checkpoint(run_id: str, local_path: Path) -> dict[str, Any] | None:

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.config import resolve_train_config
+from pipeline.config import ConfigError, resolve_train_config
 from pipeline.data import BadDataError, load_test_set
 from pipeline.models import model_names
 from pipeline.train import NonFiniteLossError, fit, prepare_training, run_train, select_device
@@ -232,3 +232,12 @@ def test_run_killed_before_its_first_checkpoint_resumes_from_the_start(tracking,
     history = mlflow.MlflowClient().get_metric_history(crashed, "val_accuracy")
     assert sorted(m.step for m in history) == [0, 1, 2]
     assert_same_weights(unbroken.model_uri, resumed.model_uri)
+
+
+def test_resuming_a_run_without_a_logged_config_names_what_is_missing(tracking):
+    with mlflow.start_run() as other:
+        mlflow.log_param("not", "a train run")
+    with pytest.raises(
+        ConfigError, match=f"Cannot resume run {other.info.run_id}: it has no config"
+    ):
+        run_train(tiny_config(tracking, resume_run_id=other.info.run_id))
