@@ -1,10 +1,14 @@
 """The project's own promises: MLproject entry points, dependency lists in step, CI = README."""
 
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
+import pytest
 import tomllib
 import yaml
 
@@ -103,3 +107,18 @@ def test_main_takes_what_train_takes_with_the_same_defaults():
 def test_promote_entry_point_sees_both_resnets():
     default = load_entry_points()["promote"]["parameters"]["architectures"]["default"]
     assert coerce(default, list[str], "architectures") == ["resnet18", "resnet18_pretrained"]
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")))
+def test_every_benchmark_still_starts(script):
+    """Benchmarks are not run in CI, so at least their imports and arguments must hold."""
+    result = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", "--help"],
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage:" in result.stdout
