@@ -85,6 +85,10 @@ def dispatch(args: argparse.Namespace) -> None:
     """Build the stage's config, then import the stage (lazily, so --help and bad input answer fast)."""
     make_config, target = STAGES[args.stage]
     config = make_config(given_options(args))
+    if args.stage != "serve":
+        from pipeline.tracking import prepare_tracking_store
+
+        prepare_tracking_store()
     module, function = target.split(":")
     getattr(importlib.import_module(module), function)(config)
 

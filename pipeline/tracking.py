@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from filelock import FileLock
 from matplotlib.figure import Figure
 
 from pipeline.data import SYNTHETIC, load_training_set, stratified_split
@@ -35,6 +36,35 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an embedded SQLite URI (`sqlite:///path`), else None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+@contextmanager
+def first_use_lock(uri: str) -> Iterator[None]:
+    """Serialize the first use of an embedded SQLite store across processes.
+
+    Processes started together on a fresh store all run MLflow's (or Optuna's) schema migrations at
+    once: most die in alembic, and the store can be left half-migrated. A lock file beside the
+    database lets one process create it while the others wait, then find it ready.
+    """
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock", timeout=600):
+        yield
+
+
+def prepare_tracking_store() -> None:
+    """Create or migrate the tracking store now, under `first_use_lock` when it is SQLite."""
+    uri = mlflow.get_tracking_uri()
+    with first_use_lock(uri):
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
 
 
 @contextmanager

@@ -39,7 +39,13 @@ from pipeline.config import (
 )
 from pipeline.data import load_training_set
 from pipeline.imaging import ImageSet
-from pipeline.tracking import log_figure, log_resolved_params, print_summary, stage_run
+from pipeline.tracking import (
+    first_use_lock,
+    log_figure,
+    log_resolved_params,
+    print_summary,
+    stage_run,
+)
 from pipeline.train import fit, mlflow_epoch_logger, prepare_training
 
 SEARCH_SPACES_DIR = EXPERIMENTS_DIR / "search_spaces"
@@ -117,15 +123,17 @@ def open_storage(storage_url: str, attempts: int = 5) -> RDBStorage:
 
     Workers started together on an empty database all create Optuna's tables at once, and all but one
     fail on a duplicate key (PostgreSQL); the DDL rolls back, so the losers retry and find the tables.
+    An embedded SQLite file is created under a file lock instead (`first_use_lock`).
     """
     for attempt in range(1, attempts + 1):
         try:
-            return RDBStorage(
-                storage_url,
-                heartbeat_interval=30,
-                grace_period=90,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
-            )
+            with first_use_lock(storage_url):
+                return RDBStorage(
+                    storage_url,
+                    heartbeat_interval=30,
+                    grace_period=90,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+                )
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             if attempt == attempts:
                 raise
