@@ -109,18 +109,27 @@ def assert_same_weights(first_uri: str, second_uri: str) -> None:
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
 
 
-def test_resume_ends_with_the_weights_of_an_unbroken_run(tracking):
+@pytest.mark.parametrize(("checkpoint_seconds", "resumed_from"), [(0, 2), (3600, 0)])
+def test_resume_ends_with_the_weights_of_an_unbroken_run(
+    tracking, capsys, checkpoint_seconds, resumed_from
+):
+    """A crash after epoch 2 of 3 resumes in the same run to the unbroken run's weights, each epoch
+    logged once: from epoch 2's checkpoint when every epoch is checkpointed, and from the start with
+    the logged config when none was written yet (checkpoints at most once an hour)."""
     settings = {
         "data_dir": "synthetic",
         "epochs": 3,
         "width": 8,
         "max_train_images": 384,
-        "checkpoint_seconds": 0,
+        "checkpoint_seconds": checkpoint_seconds,
     }
     unbroken, crashed, resumed = crash_then_resume(tracking, settings, crash_after_epoch=1)
     assert resumed.run_id == crashed and resumed.epochs_run == 3
     run = mlflow.get_run(crashed)
-    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_epoch"] == "2"
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["resumed_from_epoch"] == str(resumed_from)
+    restarted = "has no checkpoint yet: training it again from epoch 1"
+    assert (restarted in capsys.readouterr().err) == (resumed_from == 0)
     history = mlflow.MlflowClient().get_metric_history(crashed, "val_accuracy")
     assert sorted(m.step for m in history) == [0, 1, 2]
     assert_same_weights(unbroken.model_uri, resumed.model_uri)
@@ -212,26 +221,6 @@ def test_bad_images_stop_training_before_it_starts_unless_skipped(tracking, tmp_
     skipped = json.loads(mlflow.artifacts.load_text(f"runs:/{result.run_id}/skipped_files.json"))
     assert [p["file"] for p in skipped] == ["dog/truncated.jpg"]
     assert run.data.metrics["train_images"] + run.data.metrics["val_images"] == 60
-
-
-def test_run_killed_before_its_first_checkpoint_resumes_from_the_start(tracking, capsys):
-    """With checkpoints at most once an hour, a crash after epoch 2 of 3 leaves none: resuming
-    trains the run again from epoch 1 with its logged config, logs each epoch once, and ends with
-    the unbroken run's weights."""
-    settings = {
-        "data_dir": "synthetic",
-        "epochs": 3,
-        "width": 8,
-        "max_train_images": 384,
-        "checkpoint_seconds": 3600,
-    }
-    unbroken, crashed, resumed = crash_then_resume(tracking, settings, crash_after_epoch=1)
-    assert "has no checkpoint yet: training it again from epoch 1" in capsys.readouterr().err
-    run = mlflow.get_run(crashed)
-    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_epoch"] == "0"
-    history = mlflow.MlflowClient().get_metric_history(crashed, "val_accuracy")
-    assert sorted(m.step for m in history) == [0, 1, 2]
-    assert_same_weights(unbroken.model_uri, resumed.model_uri)
 
 
 def test_resuming_a_run_without_a_logged_config_names_what_is_missing(tracking):
