@@ -41,9 +41,10 @@ CLASS_NAMES = (
 
 # What a pickled numpy array needs (numpy 1 and 2 spell the module differently); `codecs.encode` is
 # how Python 3 writes bytes in a protocol-2 pickle.
+RECONSTRUCT_ARRAY = np.ndarray.__reduce__(np.zeros(0))[0]
 ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
-    ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
+    ("numpy.core.multiarray", "_reconstruct"): RECONSTRUCT_ARRAY,
+    ("numpy._core.multiarray", "_reconstruct"): RECONSTRUCT_ARRAY,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): codecs.encode,

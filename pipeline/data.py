@@ -30,7 +30,12 @@ from pipeline.cifar_batches import (
     load_cifar_batches,
     locate_batches,
 )
-from pipeline.image_folder import is_archive, looks_like_image_folder, read_image_folder
+from pipeline.image_folder import (
+    folder_splits,
+    is_archive,
+    looks_like_image_folder,
+    read_image_folder,
+)
 from pipeline.imaging import IMAGE_SHAPE, ImageSet
 
 SYNTHETIC = "synthetic"
@@ -140,10 +145,14 @@ def load_test_set(
 
 
 def has_test_set(data_dir: str | Path) -> bool:
-    try:
-        return read_split(data_dir, "test", download=False) is not None
-    except DataUnavailableError:
-        return False
+    """Whether `data_dir` holds a test split, looked up without reading (or decoding) it."""
+    if str(data_dir) == SYNTHETIC:
+        return True
+    path = Path(data_dir)
+    if is_image_folder(path):
+        return folder_splits(path)[1] is not None
+    batch_dir = find_batch_dir(path)
+    return batch_dir is not None and (batch_dir / TEST_BATCH).is_file()
 
 
 def stratified_split(

@@ -278,11 +278,15 @@ def unpacked_archive(archive: Path) -> Path:
     return target
 
 
+def folder_splits(data_dir: Path) -> tuple[Path, Path | None]:
+    """(train folder, test folder or None) of a tree, or of an archive's unpacked tree."""
+    return split_dirs(unpacked_archive(data_dir) if is_archive(data_dir) else data_dir)
+
+
 def read_image_folder(data_dir: Path, split: str) -> ImageSet | None:
     """The `train` or `test` split of an image-folder tree or archive (None: no test split)."""
     source = str(data_dir.resolve())
-    tree = unpacked_archive(data_dir) if is_archive(data_dir) else data_dir
-    train_dir, test_dir = split_dirs(tree)
+    train_dir, test_dir = folder_splits(data_dir)
     train = list_split(train_dir)
     if split == "train":
         return read_split(train, train.nonempty_classes(), source)

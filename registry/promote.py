@@ -8,7 +8,6 @@ skips the gate. The old champion keeps the alias `previous`, and `rollback` swap
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 
 import mlflow
@@ -76,13 +75,13 @@ def find_candidates(
 
 
 def validation_predictions(run: Run, model_uris: list[str], batch_size: int):
-    """Labels of the run's validation split and each model's predicted labels on it."""
+    """The run's validation split and each model's predicted labels on it."""
     val = validation_set_of(run)
     predictions = [
         predict_in_chunks(mlflow.pyfunc.load_model(uri), val.images, batch_size).argmax(axis=1)
         for uri in model_uris
     ]
-    return val.labels, predictions
+    return val, predictions
 
 
 def mcnemar_p_value(new_correct: np.ndarray, old_correct: np.ndarray) -> tuple[float, int, int]:
@@ -118,9 +117,10 @@ def gate(candidate: Run, champion: Run, config: PromoteConfig) -> Decision:
             + ("; forced" if config.force else "; pass force=true to promote anyway"),
             **ids,
         )
-    labels, (new, old) = validation_predictions(
+    val, (new, old) = validation_predictions(
         candidate, [model_uri_of(candidate), model_uri_of(champion)], config.batch_size
     )
+    labels = val.labels
     new_correct, old_correct = new == labels, old == labels
     p_value, new_only, old_only = mcnemar_p_value(new_correct, old_correct)
     delta = new_correct.mean() - old_correct.mean()
@@ -150,11 +150,12 @@ def gate(candidate: Run, champion: Run, config: PromoteConfig) -> Decision:
 def first_champion_gate(candidate: Run, config: PromoteConfig) -> Decision:
     """A first champion has nothing to beat but chance: its validation accuracy must be above
     1 / classes by a one-sided binomial test at `alpha`, and at least `min_accuracy`."""
-    labels, (predicted,) = validation_predictions(
+    val, (predicted,) = validation_predictions(
         candidate, [model_uri_of(candidate)], config.batch_size
     )
+    labels = val.labels
     correct, total = int((predicted == labels).sum()), len(labels)
-    chance = 1 / len(json_classes(candidate))
+    chance = 1 / len(val.class_names)
     p_value = float(binomtest(correct, total, chance, alternative="greater").pvalue)
     accuracy = correct / total
     numbers = (
@@ -176,13 +177,6 @@ def first_champion_gate(candidate: Run, config: PromoteConfig) -> Decision:
         candidate_val_accuracy=accuracy,
         p_value=p_value,
     )
-
-
-def json_classes(run: Run) -> list[str]:
-    """The class names a training run logged in its stats.json."""
-    return json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/stats.json"))[
-        "class_names"
-    ]
 
 
 def register(
