@@ -1,41 +1,48 @@
-"""Requests per second and latency of `mlflow models serve` against in-process `model.predict`.
+"""The hardened server (`cifar10 serve`) against plain `mlflow models serve`, same model, one run.
 
 Trains and promotes a ResNet-18 (1 epoch on synthetic data: latency does not depend on accuracy) in
-a temp registry, in child processes, starts a real server, and sends 1 or 64 PNG images per request
-at concurrency 1 and 8 over keep-alive connections. The in-process baseline calls `predict` on the same images as a
-DataFrame of bytes, so the difference is what HTTP, JSON, base64 and the scoring server add.
+a temp registry, in child processes, then measures:
 
-The overhead is measured in pairs: blocks of in-process calls and blocks of HTTP requests alternate,
-and the overhead is the median over pairs of (HTTP p50 - in-process p50). On a shared 2-core VM the
-speed of the machine drifts by tens of percent within minutes, which unpaired runs mistake for
-overhead. A model that does no work, served the same way, gives the floor of the serving stack.
+1. the layer's single-image overhead, twice: in process, the layer around an app that answers at
+   once against that app alone (the layer's own cost, in microseconds); and over HTTP, both servers
+   up at once with micro-batching off, blocks of requests to one and the other alternating,
+   overhead = median over pairs of (hardened p50 - plain p50). On a shared 2-core VM the machine's
+   speed drifts by tens of percent within minutes, which unpaired runs would mistake for overhead;
+2. requests/s, p50 and p99 at concurrency 1, 8 and 32 (1 PNG per request, keep-alive connections,
+   the client on the same cores) for each server with micro-batching off and on;
+3. a 100 MB body sent to the hardened server: time until the 413 arrives, and the worker's
+   resident memory before and at its peak while the body is sent.
 
-    python benchmarks/serving_latency.py [--requests 200] [--pairs 20]
+    python benchmarks/serving_latency.py [--requests 240] [--pairs 20] [--out results.jsonl]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-import mlflow
 import numpy as np
-import pandas as pd
+import psutil
 
 from pipeline.data import load_test_set
 from pipeline.tracking import PROJECT_ROOT
-from registry.server import serve_command, wait_until_serving
+from registry.server import TOKEN_ENV, hardened_command, serve_command, wait_until_serving
 from registry.serving_model import encode_png
 
 MODEL_URI = "models:/cifar10-resnet@champion"
+TOKEN = "benchmark-token"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -61,13 +68,14 @@ def time_calls(call, count: int) -> list[float]:
 
 def http_caller(port: int, body: bytes):
     """One keep-alive connection; each call sends one request and checks it succeeded."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}
 
     def call() -> None:
-        connection.request("POST", "/invocations", body, {"Content-Type": "application/json"})
+        connection.request("POST", "/invocations", body, headers)
         response = connection.getresponse()
         response.read()
-        assert response.status == 200
+        assert response.status == 200, response.status
 
     return call
 
@@ -76,7 +84,7 @@ def measure_http(port: int, body: bytes, requests: int, concurrency: int) -> dic
     def worker(count: int) -> list[float]:
         return time_calls(http_caller(port, body), count)
 
-    per_worker = max(1, requests // concurrency)
+    per_worker = max(2, requests // concurrency)
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(worker, [per_worker] * concurrency))
@@ -87,113 +95,229 @@ def block_p50_ms(call, count: int) -> float:
     return percentile(time_calls(call, count), 50) * 1000
 
 
-def paired_overhead(model, frame: pd.DataFrame, port: int, body: bytes, pairs: int, size: int):
-    """Alternate blocks of in-process and HTTP calls; return both p50s and the overhead per pair."""
-    over_http = http_caller(port, body)
-
-    def in_process() -> None:
-        model.predict(frame)
-
-    http_p50, local_p50 = [], []
+def paired_overhead(plain_port: int, hardened_port: int, body: bytes, pairs: int) -> dict:
+    """Alternate blocks of 10 requests to each server; the overhead is the hardened one's extra."""
+    callers = {"plain": http_caller(plain_port, body), "hardened": http_caller(hardened_port, body)}
+    p50s: dict[str, list[float]] = {"plain": [], "hardened": []}
     for pair in range(pairs):
-        order = (in_process, over_http) if pair % 2 else (over_http, in_process)
-        for call in order:
-            (local_p50 if call is in_process else http_p50).append(block_p50_ms(call, size))
-    overhead = np.array(http_p50) - np.array(local_p50)
+        order = ("plain", "hardened") if pair % 2 else ("hardened", "plain")
+        for name in order:
+            p50s[name].append(block_p50_ms(callers[name], 10))
+    overhead = np.array(p50s["hardened"]) - np.array(p50s["plain"])
     return {
-        "http_p50_ms": round(float(np.median(http_p50)), 2),
-        "in_process_p50_ms": round(float(np.median(local_p50)), 2),
+        "plain_p50_ms": round(float(np.median(p50s["plain"])), 2),
+        "hardened_p50_ms": round(float(np.median(p50s["hardened"])), 2),
         "overhead_p50_ms": round(float(np.median(overhead)), 2),
         "overhead_iqr_ms": [round(float(np.percentile(overhead, q)), 2) for q in (25, 75)],
     }
 
 
-class NoWork(mlflow.pyfunc.PythonModel):
-    """Answers every request with one fixed row: what remains is the serving stack itself."""
+def layer_cost_in_process(body: bytes, calls: int = 3000) -> dict:
+    """Median time of one request through the layer around an app that answers at once, and
+    through that app alone, in one event loop."""
+    from registry.gateway import Gateway, GatewaySettings, ServerMetrics
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        return pd.DataFrame(
-            {"label": [0], "class_name": ["airplane"], "probabilities": [[0.1] * 10]}
-        )
+    async def answer_at_once(scope, receive, send) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"predictions": []}'})
+
+    layered = Gateway(answer_at_once, GatewaySettings(token=TOKEN), ServerMetrics())
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"authorization", f"Bearer {TOKEN}".encode()),
+    ]
+    scope = {"type": "http", "method": "POST", "path": "/invocations", "headers": headers}
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message) -> None:
+        pass
+
+    async def timings(app) -> list[float]:
+        result = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            await app(dict(scope), receive, send)
+            result.append(time.perf_counter() - started)
+        return result
+
+    alone = asyncio.run(timings(answer_at_once))
+    through = asyncio.run(timings(layered))
+    return {
+        "app_alone_p50_us": round(percentile(alone, 50) * 1e6, 1),
+        "through_layer_p50_us": round(percentile(through, 50) * 1e6, 1),
+        "layer_cost_p50_us": round((percentile(through, 50) - percentile(alone, 50)) * 1e6, 1),
+    }
 
 
-def start_server(model_uri: str, port: int, tracking_uri: str) -> subprocess.Popen:
+def start(kind: str, port: int, tracking_uri: str, log: Path, batching: bool) -> subprocess.Popen:
+    max_images = 256 if batching else 1
+    env = os.environ | {"MLFLOW_TRACKING_URI": tracking_uri, TOKEN_ENV: TOKEN}
+    if kind == "plain":
+        command = [sys.executable, "-m", *serve_command(MODEL_URI, "127.0.0.1", port)]
+        env["MLFLOW_PYFUNC_INFERENCE_CONFIG"] = json.dumps({"max_batch_images": max_images})
+    else:
+        command = [sys.executable, "-m", *hardened_command(MODEL_URI, port)]
+        command += ["--max-batch-images", str(max_images)]
     server = subprocess.Popen(
-        [sys.executable, "-m", *serve_command(model_uri, "127.0.0.1", port)],
-        env=os.environ | {"MLFLOW_TRACKING_URI": tracking_uri},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        command,
+        env=env,
+        cwd=PROJECT_ROOT,
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
     )
     wait_until_serving(f"http://127.0.0.1:{port}", server)
     return server
 
 
 def stop(server: subprocess.Popen) -> None:
+    """Stop the server and its children (`mlflow models serve` runs uvicorn as a child process)."""
+    children = psutil.Process(server.pid).children(recursive=True)
     server.terminate()
     server.wait(timeout=30)
+    for child in children:
+        child.terminate()
+    psutil.wait_procs(children, timeout=30)
 
 
-def request_body(encoded: list[bytes]) -> bytes:
-    rows = [[base64.b64encode(e).decode()] for e in encoded]
-    return json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode()
+def worker_process(server: subprocess.Popen) -> psutil.Process:
+    """The process that holds the model: the server itself, or uvicorn's child under the mlflow CLI."""
+    process = psutil.Process(server.pid)
+    children = process.children(recursive=True)
+    return max([process, *children], key=lambda p: p.memory_info().rss)
+
+
+def oversized_body(port: int, worker: psutil.Process, megabytes: int = 100) -> dict:
+    """Send `megabytes` of JSON in 1 MB pieces until the answer arrives; sample the worker's RSS."""
+    before = worker.memory_info().rss
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], worker.memory_info().rss)
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    size = megabytes * 2**20
+    head = (
+        f"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Length: {size}\r\n\r\n"
+    ).encode()
+    piece = b"A" * 2**20
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as connection:
+        connection.sendall(head)
+        connection.setblocking(False)
+        sent, answer = 0, b""
+        while b"\r\n" not in answer:
+            try:
+                answer += connection.recv(4096)
+            except BlockingIOError:
+                if sent < size:
+                    try:
+                        sent += connection.send(piece)
+                    except BlockingIOError:
+                        time.sleep(0.001)
+                else:
+                    time.sleep(0.001)
+        seconds = time.perf_counter() - started
+    time.sleep(0.2)
+    done.set()
+    sampler.join()
+    return {
+        "body_mb": megabytes,
+        "status_line": answer.split(b"\r\n")[0].decode(),
+        "seconds_to_answer": round(seconds, 3),
+        "mb_sent_before_answer": round(sent / 2**20, 1),
+        "worker_rss_growth_mb": round((peak[0] - before) / 2**20, 1),
+    }
+
+
+def train_and_promote(tracking_uri: str) -> None:
+    for stage in (
+        ["train", "--model", "resnet18", "--data-dir", "synthetic", "--epochs", "1"]
+        + ["--max-train-images", "64"],
+        ["promote", "--force", "true"],
+    ):
+        subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *stage, "--experiment-name", "bench"],
+            env=os.environ | {"MLFLOW_TRACKING_URI": tracking_uri},
+            cwd=PROJECT_ROOT,
+            check=True,
+            capture_output=True,
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=240)
     parser.add_argument("--pairs", type=int, default=20)
     parser.add_argument("--port", type=int, default=5077)
+    parser.add_argument("--out", type=Path, help="also append each result line to this file")
     args = parser.parse_args()
+
+    def report(result: dict) -> None:
+        line = json.dumps(result)
+        print(line, flush=True)
+        if args.out:
+            with args.out.open("a") as f:
+                f.write(line + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
-        mlflow.set_tracking_uri(uri)
-        os.chdir(tmp)
-        # Train and promote in child processes: torch work on this process's main thread would
-        # give it a second OpenMP team and slow the in-process baseline (see the served model).
-        for stage in (
-            ["train", "--model", "resnet18", "--data-dir", "synthetic", "--epochs", "1"]
-            + ["--max-train-images", "64"],
-            ["promote"],
-        ):
-            subprocess.run(
-                [sys.executable, "-m", "pipeline.cli", *stage, "--experiment-name", "bench"],
-                env=os.environ | {"MLFLOW_TRACKING_URI": uri},
-                cwd=PROJECT_ROOT,
-                check=True,
-                capture_output=True,
+        log = Path(tmp) / "servers.log"
+        train_and_promote(uri)
+        body = json.dumps(
+            {
+                "dataframe_split": {
+                    "columns": ["image"],
+                    "data": [
+                        [
+                            base64.b64encode(
+                                encode_png(load_test_set("synthetic").images[0])
+                            ).decode()
+                        ]
+                    ],
+                }
+            }
+        ).encode()
+        report({"measure": "layer_cost_in_process"} | layer_cost_in_process(body))
+        plain = start("plain", args.port, uri, log, batching=False)
+        hardened = start("hardened", args.port + 1, uri, log, batching=False)
+        try:
+            for port in (args.port, args.port + 1):
+                measure_http(port, body, 20, 1)  # warm-up
+            report(
+                {
+                    "measure": "layer_overhead",
+                    **paired_overhead(args.port, args.port + 1, body, args.pairs),
+                }
             )
-        model = mlflow.pyfunc.load_model(MODEL_URI)
-        images = load_test_set("synthetic").images
-        with mlflow.start_run(run_name="no-work"):
-            floor_uri = mlflow.pyfunc.log_model(name="model", python_model=NoWork()).model_uri
-        floor_server = start_server(floor_uri, args.port + 1, uri)
-        try:
-            floor_body = request_body([encode_png(images[0])])
-            floor = block_p50_ms(http_caller(args.port + 1, floor_body), args.requests)
         finally:
-            stop(floor_server)
-        print(json.dumps({"no_work_model_http_p50_ms": round(floor, 2)}), flush=True)
-        server = start_server(MODEL_URI, args.port, uri)
-        try:
-            for batch in (1, 64):
-                encoded = [encode_png(image) for image in images[:batch]]
-                body = request_body(encoded)
-                requests = args.requests if batch == 1 else max(16, args.requests // 8)
-                measure_http(args.port, body, 10, 1)  # warm-up
-                frame = pd.DataFrame({"image": encoded})
-                block = 10 if batch == 1 else 2
-                paired = paired_overhead(model, frame, args.port, body, args.pairs, block)
-                for concurrency in (1, 8):
-                    result = {
-                        "images_per_request": batch,
-                        "concurrency": concurrency,
-                        **measure_http(args.port, body, requests, concurrency),
-                    }
-                    if concurrency == 1:
-                        result |= paired
-                    print(json.dumps(result), flush=True)
-        finally:
-            stop(server)
+            stop(plain)
+            stop(hardened)
+        for kind in ("plain", "hardened"):
+            for batching in (False, True):
+                server = start(kind, args.port, uri, log, batching)
+                try:
+                    measure_http(args.port, body, 20, 1)  # warm-up
+                    for concurrency in (1, 8, 32):
+                        result = measure_http(args.port, body, args.requests, concurrency)
+                        report(
+                            {"server": kind, "micro_batching": batching, "concurrency": concurrency}
+                            | result
+                        )
+                    if kind == "hardened" and batching:
+                        report(
+                            {"measure": "oversized_body"}
+                            | oversized_body(args.port, worker_process(server))
+                        )
+                finally:
+                    stop(server)
 
 
 if __name__ == "__main__":

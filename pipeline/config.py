@@ -158,10 +158,30 @@ class PromoteConfig:
 
 @dataclass
 class ServeConfig:
+    """The hardened server. The token itself is no parameter (`mlflow run` logs parameters, and a
+    command line shows in `ps`): it comes from CIFAR10_SERVE_TOKEN or the file `token_file`."""
+
     model_uri: str = "models:/cifar10-resnet@champion"
     host: str = "127.0.0.1"
     port: int = 5001
     workers: int = 1
+    token_file: str = ""
+    allow_unauthenticated: bool = False
+    max_body_mb: float = 16.0
+    max_json_depth: int = 32
+    timeout_s: int = 60
+    max_batch_images: int = 256
+    batch_wait_ms: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("port", "workers", "max_json_depth", "timeout_s", "max_batch_images"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.max_body_mb <= 0 or self.batch_wait_ms < 0:
+            raise ConfigError(
+                "max_body_mb must be positive and batch_wait_ms not negative, got "
+                f"{self.max_body_mb} and {self.batch_wait_ms}."
+            )
 
 
 def check_fraction(name: str, value: float) -> None:

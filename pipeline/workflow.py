@@ -158,7 +158,7 @@ def run_main(options: dict[str, Any]) -> dict[str, str]:
                 "model": model_uri,
                 "promote": f"{decision}: {promote.data.tags.get('decision_reason', '')}",
             },
-            "mlflow models serve -m models:/cifar10-resnet@champion --env-manager local --port 5001"
+            "cifar10 serve --model-uri models:/cifar10-resnet@champion --port 5001"
             if decision in ("promote", "force")
             else f"mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}",
         )

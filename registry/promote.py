@@ -305,8 +305,7 @@ def run_promote(config: PromoteConfig) -> Decision:
             "rollback" if config.rollback else "promote",
             {"decision": decision.action, "why": decision.reason}
             | ({"version": f"{config.model_name} version {decision.version}"} if champion else {}),
-            f"mlflow models serve -m models:/{config.model_name}@{CHAMPION} --env-manager local "
-            "--port 5001"
+            f"cifar10 serve --model-uri models:/{config.model_name}@{CHAMPION} --port 5001"
             if champion
             else "mlflow ui   (compare the candidates' validation accuracy)",
         )

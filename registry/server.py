@@ -1,26 +1,146 @@
-"""Starting `mlflow models serve` for a registered model, and knowing when it answers."""
+"""Serving a registered model: the hardened server (`serve` entry point) or plain
+`mlflow models serve`, and knowing when either answers."""
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import os
+import shutil
 import subprocess
-import sys
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
-from pipeline.config import ServeConfig
+from pipeline.config import ConfigError, ServeConfig
+
+SETTINGS_ENV = "CIFAR10_SERVE_SETTINGS"
+TOKEN_ENV = "CIFAR10_SERVE_TOKEN"
 
 
 def serve_command(model_uri: str, host: str, port: int | str, workers: int | str = 1) -> list[str]:
+    """Plain `mlflow models serve`, without this project's layer (for comparison and tests)."""
     return [
         "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
         "--host", host, "--port", str(port), "--workers", str(workers),
     ]  # fmt: skip
 
 
+def hardened_command(model_uri: str, port: int | str, *options: str) -> list[str]:
+    """The `serve` entry point on loopback, as `python -m` arguments."""
+    return ["pipeline.cli", "serve", "--model-uri", model_uri, "--port", str(port), *options]
+
+
+def read_token(config: ServeConfig) -> str | None:
+    """The bearer token: CIFAR10_SERVE_TOKEN, else the first line of `token_file`, else none."""
+    if token := os.environ.get(TOKEN_ENV, "").strip():
+        return token
+    if not config.token_file:
+        return None
+    path = Path(config.token_file).expanduser()
+    try:
+        token = path.read_text().strip()
+    except OSError as error:
+        raise ConfigError(
+            f"token_file {path} cannot be read ({error.strerror}); write the token into it, "
+            f"e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))' > {path}`."
+        ) from None
+    if not token:
+        raise ConfigError(f"token_file {path} is empty; write the token into it.")
+    return token
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(config: ServeConfig, token: str | None) -> None:
+    """Refuse to open a port beyond this machine to anyone without a token, unless told to."""
+    if token or is_loopback(config.host) or config.allow_unauthenticated:
+        return
+    raise ConfigError(
+        f"host {config.host} is reachable from other machines, and no token is set: anyone who "
+        f"reaches port {config.port} could use the model. Set {TOKEN_ENV} or -P token_file=..., "
+        "or pass -P allow_unauthenticated=true if something in front of this server already "
+        "checks who calls it."
+    )
+
+
+def local_model(model_uri: str) -> str:
+    """Download the model once, before any worker starts (each would otherwise fetch it)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
+    except MlflowException as error:
+        raise ConfigError(
+            f"no model at {model_uri} ({error.message.splitlines()[0]}); promote one first "
+            "(`mlflow run . -e promote`) or pass -P model_uri=runs:/<run id>/model."
+        ) from None
+
+
 def run_serve(config: ServeConfig) -> None:
-    """The `serve` entry point: `mlflow models serve` in the foreground, exiting with its code."""
-    command = serve_command(config.model_uri, config.host, config.port, config.workers)
-    sys.exit(subprocess.call(command))
+    """The `serve` entry point: MLflow's scoring app behind registry/gateway.py under uvicorn."""
+    import uvicorn
+
+    token = read_token(config)
+    check_exposure(config, token)
+    os.environ[SETTINGS_ENV] = json.dumps(
+        {
+            "model_path": local_model(config.model_uri),
+            "max_body_bytes": int(config.max_body_mb * 2**20),
+            "max_json_depth": config.max_json_depth,
+            "model_config": {
+                "max_batch_images": config.max_batch_images,
+                "batch_wait_ms": config.batch_wait_ms,
+            },
+        }
+    )
+    if token:
+        os.environ[TOKEN_ENV] = token
+    os.environ["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(config.timeout_s)
+    metrics_dir = None
+    if config.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        metrics_dir = tempfile.mkdtemp(prefix="cifar10-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        uvicorn.run(
+            "registry.server:app_from_environment",
+            factory=True,
+            host=config.host,
+            port=config.port,
+            workers=config.workers,
+            timeout_keep_alive=5,
+        )
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def app_from_environment():
+    """What each uvicorn worker builds: the logged model in MLflow's app, behind the gateway."""
+    from mlflow.pyfunc import load_model, scoring_server
+
+    from registry.gateway import Gateway, GatewaySettings, ServerMetrics
+
+    settings = json.loads(os.environ[SETTINGS_ENV])
+    model = load_model(settings["model_path"], model_config=settings["model_config"])
+    return Gateway(
+        scoring_server.init(model),
+        GatewaySettings(
+            max_body_bytes=settings["max_body_bytes"],
+            max_json_depth=settings["max_json_depth"],
+            token=os.environ.get(TOKEN_ENV) or None,
+        ),
+        ServerMetrics(),
+    )
 
 
 def wait_until_serving(base_url: str, process: subprocess.Popen, timeout: float = 120) -> None:

@@ -98,7 +98,7 @@ def test_first_champion_must_beat_chance_and_min_accuracy(candidates, capsys):
     assert "refused as first champion" in capsys.readouterr().out
     assert promote("first", "mediocre").action == "promote"
     assert aliases("first") == {"champion": "1"}
-    assert "next: mlflow models serve -m models:/first@champion" in capsys.readouterr().out
+    assert "next: cifar10 serve --model-uri models:/first@champion" in capsys.readouterr().out
 
 
 def test_no_candidate_says_what_it_looked_for_and_found(candidates):
