@@ -129,10 +129,15 @@ class TuneConfig:
     prune_after_epochs: int = 0
     search_space: str | None = None
     timeout_seconds: float | None = None
+    heartbeat_seconds: int = 30
     experiment_name: str | None = None
 
     def __post_init__(self) -> None:
         check_fraction("val_fraction", self.val_fraction)
+        if self.heartbeat_seconds < 1:
+            raise ConfigError(
+                f"heartbeat_seconds must be at least 1, got {self.heartbeat_seconds}."
+            )
         if self.pruner not in ("median", "hyperband", "none"):
             raise ConfigError(f"pruner must be median, hyperband or none, got {self.pruner!r}.")
         if self.n_trials < 1 or self.epochs < 1 or self.n_jobs < 1 or self.startup_trials < 1:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import psutil
 from filelock import FileLock
 from matplotlib.figure import Figure
+from mlflow.entities import RunStatus
 
 from pipeline.data import SYNTHETIC, load_training_set, stratified_split
 from pipeline.imaging import ImageSet
@@ -67,6 +71,53 @@ def prepare_tracking_store() -> None:
         mlflow.MlflowClient(uri).search_experiments(max_results=1)
 
 
+def process_tags() -> dict[str, str]:
+    """Which process owns a run, so that a later command can tell the process is gone."""
+    me = psutil.Process()
+    return {
+        "process.host": socket.gethostname(),
+        "process.pid": str(me.pid),
+        "process.started": f"{me.create_time():.2f}",
+    }
+
+
+def owner_is_gone(tags: dict[str, str]) -> bool:
+    """True when the run's process ran on this machine and no longer exists (its pid may have been
+    reused since: the start time tells). Runs of other machines are never judged from here."""
+    if tags.get("process.host") != socket.gethostname():
+        return False
+    try:
+        owner = psutil.Process(int(tags["process.pid"]))
+        return abs(owner.create_time() - float(tags["process.started"])) > 1
+    except psutil.NoSuchProcess:
+        return True
+    except (KeyError, ValueError, psutil.Error):
+        return False
+
+
+def end_orphaned_runs(experiment_id: str, current_run_id: str) -> list[str]:
+    """Mark KILLED the runs of this experiment still RUNNING whose process on this machine died
+    (SIGKILL, power loss, an OOM kill): MLflow only ends a run its own process ends. A train run
+    marked so can still be resumed with `resume_run_id`."""
+    client = mlflow.MlflowClient()
+    running = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`process.host` = '{socket.gethostname()}'",
+    )
+    ended = []
+    for run in running:
+        if run.info.run_id != current_run_id and owner_is_gone(run.data.tags):
+            client.set_tag(
+                run.info.run_id,
+                "killed_reason",
+                f"process {run.data.tags['process.pid']} ended without closing the run; found by "
+                f"pid {os.getpid()} at {time.strftime('%Y-%m-%d %H:%M:%S')}",
+            )
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+            ended.append(run.info.run_id)
+    return ended
+
+
 @contextmanager
 def stage_run(
     experiment_name: str | None,
@@ -90,7 +141,8 @@ def stage_run(
     with mlflow.start_run(
         run_id=run_id, run_name=run_name, nested=nested, log_system_metrics=log_system_metrics
     ) as run:
-        mlflow.set_tag("git_commit", git_commit())
+        end_orphaned_runs(run.info.experiment_id, run.info.run_id)
+        mlflow.set_tags({"git_commit": git_commit(), **process_tags()})
         try:
             yield run
         except BaseException as error:

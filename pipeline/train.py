@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import pickle
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +36,11 @@ from pipeline.tracking import (
 )
 from registry.serving_model import log_classifier
 
-CHECKPOINT_ARTIFACT = "checkpoints/last.pt"
+CHECKPOINT_FILE = "last.pt"
+# An artifact upload is not atomic in every store (a local file store copies the file in place), so
+# checkpoints alternate between two folders: a process killed mid-upload leaves the other one whole.
+CHECKPOINT_SLOTS = ("checkpoints/a", "checkpoints/b")
+LEGACY_CHECKPOINT = "checkpoints/last.pt"  # written by versions before the slots
 # Called after every epoch with (epoch, metrics, the checkpoint written this epoch or None); it may
 # raise to stop training (Optuna pruning does).
 EpochCallback = Callable[[int, dict[str, float], Path | None], None]
@@ -263,18 +268,23 @@ def fit(
     return state
 
 
-def mlflow_epoch_logger(logged_epochs: frozenset[int] = frozenset()) -> EpochCallback:
-    """The MLflow side of an epoch: its metrics (step = epoch) and the checkpoint just written.
+def mlflow_epoch_logger(
+    logged_epochs: frozenset[int] = frozenset(), next_slot: int = 0
+) -> EpochCallback:
+    """The MLflow side of an epoch: its metrics (step = epoch) and the checkpoint just written, into
+    the checkpoint slot not written last (starting at `next_slot`).
 
     A resumed run repeats the epochs after its last checkpoint, with the same results (training is
     seeded per epoch); `logged_epochs` are not logged again, so each metric stays one series.
     """
+    slot = [next_slot]
 
     def log_epoch(epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
         if epoch not in logged_epochs:
             mlflow.log_metrics(metrics, step=epoch)
         if checkpoint is not None:
-            mlflow.log_artifact(str(checkpoint), Path(CHECKPOINT_ARTIFACT).parent.name)
+            mlflow.log_artifact(str(checkpoint), CHECKPOINT_SLOTS[slot[0]])
+            slot[0] = 1 - slot[0]
 
     return log_epoch
 
@@ -445,17 +455,40 @@ def stored_config(run_id: str) -> TrainConfig:
     return build_config(TrainConfig, yaml.safe_load(text), {"resume_run_id": run_id})
 
 
-def load_resume_checkpoint(run_id: str, local_path: Path) -> dict[str, Any] | None:
-    """The run's last checkpoint, or None when it died before writing one."""
+def load_resume_checkpoint(run_id: str, scratch: Path) -> tuple[dict[str, Any] | None, int]:
+    """The run's newest checkpoint that loads whole, and the slot to write next; None when it died
+    before writing one. A copy cut off mid-upload is skipped (with a line saying so)."""
     client = mlflow.MlflowClient()
-    folder = Path(CHECKPOINT_ARTIFACT).parent.as_posix()
-    if CHECKPOINT_ARTIFACT not in {f.path for f in client.list_artifacts(run_id, folder)}:
-        return None
-    local_path.parent.mkdir(parents=True, exist_ok=True)
-    downloaded = mlflow.artifacts.download_artifacts(
-        run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=str(local_path.parent)
-    )
-    return torch.load(downloaded, map_location="cpu", weights_only=True)
+    present = {
+        f.path
+        for folder in ("checkpoints", *CHECKPOINT_SLOTS)
+        for f in client.list_artifacts(run_id, folder)
+    }
+    candidates = [f"{folder}/{CHECKPOINT_FILE}" for folder in CHECKPOINT_SLOTS] + [
+        LEGACY_CHECKPOINT
+    ]
+    newest, newest_slot = None, -1
+    for index, artifact in enumerate(candidates):
+        if artifact not in present:
+            continue
+        downloaded = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact, dst_path=str(scratch / f"resume-{index}")
+        )
+        try:
+            checkpoint = torch.load(downloaded, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
+            print(
+                f"run {run_id}: {artifact} is incomplete (its upload was cut off); skipping it",
+                file=sys.stderr,
+                flush=True,
+            )
+            continue
+        if (
+            newest is None
+            or checkpoint["fit_state"]["next_epoch"] > newest["fit_state"]["next_epoch"]
+        ):
+            newest, newest_slot = checkpoint, index
+    return newest, (1 if newest_slot == 0 else 0)
 
 
 def logged_epochs(run_id: str) -> frozenset[int]:
@@ -485,10 +518,10 @@ def run_train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> T
         scratch_dir() as scratch,
     ):
         prepared = prepare_training(config)
-        checkpoint_path = scratch / CHECKPOINT_ARTIFACT
-        resume_from, done = None, frozenset()
+        checkpoint_path = scratch / CHECKPOINT_FILE
+        resume_from, done, next_slot = None, frozenset(), 0
         if resume_id:
-            resume_from = load_resume_checkpoint(resume_id, checkpoint_path)
+            resume_from, next_slot = load_resume_checkpoint(resume_id, scratch)
             done = logged_epochs(resume_id)
             if resume_from is None:
                 print(
@@ -512,7 +545,7 @@ def run_train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> T
                 prepared.train_batches,
                 prepared.val_batches,
                 config,
-                callbacks=[mlflow_epoch_logger(done), progress, *callbacks],
+                callbacks=[mlflow_epoch_logger(done, next_slot), progress, *callbacks],
                 checkpoint_path=checkpoint_path,
                 resume_from=resume_from,
             )

@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import mlflow
 import optuna
 import sqlalchemy.exc
+from mlflow.entities import RunStatus
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
@@ -44,6 +45,7 @@ from pipeline.tracking import (
     log_figure,
     log_resolved_params,
     print_summary,
+    process_tags,
     stage_run,
 )
 from pipeline.train import fit, mlflow_epoch_logger, prepare_training
@@ -51,6 +53,7 @@ from pipeline.train import fit, mlflow_epoch_logger, prepare_training
 SEARCH_SPACES_DIR = EXPERIMENTS_DIR / "search_spaces"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 OBJECTIVE = "val_accuracy"
+RUN_ID_ATTR = "mlflow_run_id"  # the trial's nested MLflow run, so another worker can end it
 # Fields a best_config.yaml leaves out: they describe one run, not a recipe.
 RUN_ONLY_FIELDS = ("experiment_name", "resume_run_id", "config")
 
@@ -118,8 +121,36 @@ def make_sampler(config: TuneConfig) -> optuna.samplers.TPESampler:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.startup_trials)
 
 
-def open_storage(storage_url: str, attempts: int = 5) -> RDBStorage:
-    """Optuna's storage; heartbeats let a killed worker's trial be retried.
+class EndRunThenRetry(RetryHeartbeatStaleTrialCallback):
+    """Optuna fails a trial whose worker stopped heartbeating and enqueues a retry. The trial's
+    MLflow run, which its dead worker could not end, is ended here as KILLED, tagged with the trial
+    that retries it. It runs in whichever worker notices first, on any machine."""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        super().__call__(study, trial)
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if not run_id:
+            return
+        retries = [
+            t.number
+            for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if self.retry_history(t)[-1:] == [trial.number]
+        ]
+        client = mlflow.MlflowClient()
+        client.set_tag(run_id, "retried_in_trial", retries[0] if retries else "none (max_retry)")
+        # On the dead worker's own machine the next command may have ended the run already.
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(
+                run_id,
+                "killed_reason",
+                f"its worker stopped heartbeating; Optuna failed trial {trial.number}",
+            )
+            client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+
+
+def open_storage(storage_url: str, heartbeat_seconds: int = 30, attempts: int = 5) -> RDBStorage:
+    """Optuna's storage; heartbeats let a killed worker's trial be retried (after three missed
+    beats).
 
     Workers started together on an empty database all create Optuna's tables at once, and all but one
     fail on a duplicate key (PostgreSQL); the DDL rolls back, so the losers retry and find the tables.
@@ -130,9 +161,9 @@ def open_storage(storage_url: str, attempts: int = 5) -> RDBStorage:
             with first_use_lock(storage_url):
                 return RDBStorage(
                     storage_url,
-                    heartbeat_interval=30,
-                    grace_period=90,
-                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+                    heartbeat_interval=heartbeat_seconds,
+                    grace_period=3 * heartbeat_seconds,
+                    heartbeat_stale_trial_callback=EndRunThenRetry(max_retry=2),
                 )
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             if attempt == attempts:
@@ -146,7 +177,7 @@ def study_name_of(config: TuneConfig) -> str:
 
 def open_study(config: TuneConfig, storage_url: str) -> optuna.Study:
     """Create or resume the study."""
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, config.heartbeat_seconds)
     return optuna.create_study(
         study_name=study_name_of(config),
         storage=storage,
@@ -172,6 +203,11 @@ def trial_config(config: TuneConfig, values: Mapping[str, Any]) -> TrainConfig:
     )
 
 
+def frozen(trial: optuna.Trial) -> FrozenTrial:
+    """The study's record of a running trial (its system attributes say what it retries)."""
+    return next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+
+
 def finished_twin(trial: optuna.Trial) -> FrozenTrial | None:
     """An earlier finished trial with exactly these parameters (training is deterministic per seed,
     so it would end the same way): in discrete spaces TPE proposes repeats, which cost nothing here."""
@@ -192,13 +228,17 @@ def make_objective(config: TuneConfig, space: Mapping, data: ImageSet, parent_ru
         train_config = trial_config(config, suggest(trial, space))
         with mlflow.start_run(
             run_name=f"trial-{trial.number}", nested=True, parent_run_id=parent_run_id
-        ):
+        ) as run:
+            trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+            if retry_of := EndRunThenRetry.retry_history(frozen(trial))[-1:]:
+                mlflow.set_tag("retry_of_trial", retry_of[0])
             mlflow.log_params(config_to_params(train_config))
             mlflow.set_tags(
                 {
                     "optuna_study": trial.study.study_name,
                     "optuna_trial": trial.number,
                     "architecture": train_config.model,
+                    **process_tags(),
                 }
             )
             twin = finished_twin(trial)

@@ -13,6 +13,8 @@ import mlflow
 import optuna
 import pytest
 
+from pipeline.tracking import stage_run
+
 ROUNDS, PROCESSES = 3, 3
 
 
@@ -55,3 +57,42 @@ def test_tune_workers_opening_a_fresh_optuna_file_together_all_succeed(tmp_path,
     )
     assert all(code == 0 for code, _ in results), [out[-1500:] for _, out in results]
     assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["s"]
+
+
+HOLD_A_RUN = """
+import sys, time
+from pipeline.tracking import stage_run
+with stage_run(sys.argv[1], "held") as run:
+    print(run.info.run_id, flush=True)
+    time.sleep(600)
+"""
+
+
+def hold_a_run(experiment: str, env: dict, cwd: Path) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD_A_RUN, experiment],
+        env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    return process, process.stdout.readline().strip()
+
+
+def test_the_next_command_ends_a_killed_processs_run_and_leaves_a_live_ones(tracking, tmp_path):
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    killed, killed_run = hold_a_run(tracking, env, tmp_path)
+    alive, alive_run = hold_a_run(tracking, env, tmp_path)
+    try:
+        killed.kill()
+        killed.wait()
+        assert mlflow.get_run(killed_run).info.status == "RUNNING"
+        with stage_run(tracking, "next command"):
+            pass
+        ended = mlflow.get_run(killed_run)
+        assert ended.info.status == "KILLED"
+        assert (
+            f"process {killed.pid} ended without closing the run"
+            in ended.data.tags["killed_reason"]
+        )
+        assert mlflow.get_run(alive_run).info.status == "RUNNING"
+    finally:
+        alive.kill()
+        alive.wait()

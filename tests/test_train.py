@@ -1,4 +1,11 @@
 import json
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -135,6 +142,32 @@ def test_resume_ends_with_the_weights_of_an_unbroken_run(
     assert_same_weights(unbroken.model_uri, resumed.model_uri)
 
 
+def test_a_checkpoint_cut_off_mid_upload_is_skipped_for_the_other_slot(tracking, capsys):
+    """A store that writes in place (MLflow before its atomic local uploads, some remote stores)
+    leaves a torn file when the upload is cut off. Checkpoints alternate between two slots, so
+    resuming takes the other, older one and still ends with the unbroken weights."""
+    settings = {"data_dir": "synthetic", "epochs": 3, "width": 8, "max_train_images": 384,
+                "checkpoint_seconds": 0}  # fmt: skip
+    unbroken = run_train(tiny_config(tracking, **settings))
+
+    def crash(epoch, metrics, checkpoint):
+        if epoch == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_train(tiny_config(tracking, **settings), callbacks=[crash])
+    crashed = mlflow.search_runs(
+        experiment_names=[tracking], filter_string="attributes.status = 'FAILED'"
+    ).run_id[0]
+    store = Path(mlflow.get_run(crashed).info.artifact_uri.removeprefix("file://"))
+    newest = store / "checkpoints" / "b" / "last.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    resumed = run_train(tiny_config(tracking, resume_run_id=crashed))
+    assert "checkpoints/b/last.pt is incomplete" in capsys.readouterr().err
+    assert mlflow.get_run(crashed).data.tags["resumed_from_epoch"] == "1"
+    assert_same_weights(unbroken.model_uri, resumed.model_uri)
+
+
 def test_non_finite_loss_fails_the_run_naming_epoch_and_step(tracking):
     config = tiny_config(
         tracking,
@@ -230,3 +263,157 @@ def test_resuming_a_run_without_a_logged_config_names_what_is_missing(tracking):
         ConfigError, match=f"Cannot resume run {other.info.run_id}: it has no config"
     ):
         run_train(tiny_config(tracking, resume_run_id=other.info.run_id))
+
+
+KILL_SETTINGS = {
+    "model": "cnn",
+    "data_dir": "synthetic",
+    "epochs": 6,
+    "width": 8,
+    # A wide hidden layer makes a ~50 MB checkpoint: its upload takes long enough to be caught.
+    "hidden_units": 8192,
+    "max_train_images": 256,
+    "batch_size": 64,
+    "checkpoint_seconds": 0,
+    "seed": 0,
+}
+
+
+def train_command(experiment: str, **options) -> list[str]:
+    arguments = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "train",
+        f"--experiment-name={experiment}",
+        *arguments,
+    ]
+
+
+def run_folders(root: Path, experiment: str) -> list[Path]:
+    """The artifact folders of the experiment's runs."""
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return [p for p in (root / "mlruns" / found.experiment_id).glob("*/artifacts") if p.is_dir()]
+
+
+def checkpoint_copy(pid: int) -> tuple[Path, Path] | None:
+    """(source, destination) while process `pid` copies a checkpoint into the artifact store, read
+    from the files it holds open (/proc/<pid>/fd). MLflow's local store writes a hidden temporary
+    file and renames it when complete; older versions wrote `last.pt` in place."""
+    opened = []
+    for fd in Path(f"/proc/{pid}/fd").glob("*"):
+        try:
+            opened.append(Path(os.readlink(fd)))
+        except OSError:
+            continue
+    stored = [p for p in opened if "checkpoints" in p.parts and "artifacts" in p.parts]
+    scratch = [p for p in opened if p.name == "last.pt" and "artifacts" not in p.parts]
+    return (scratch[0], stored[0]) if stored and scratch else None
+
+
+def is_short(copy: tuple[Path, Path]) -> bool:
+    try:
+        return copy[1].stat().st_size < copy[0].stat().st_size
+    except FileNotFoundError:
+        return False
+
+
+def kill_at(moment: str, process: subprocess.Popen, root: Path, experiment: str, rng) -> str | None:
+    """Poll every millisecond and SIGKILL `process` at `moment`; return the killed run's id, or None
+    when a kill meant to cut a checkpoint upload short came as the copy finished."""
+    reached = {
+        "before_first_checkpoint": lambda folder: (
+            (folder / "config.yaml").exists() and not (folder / "checkpoints").exists()
+        ),
+        "mid_epoch": lambda folder: (folder / "checkpoints" / "a" / "last.pt").exists(),
+        "during_model_logging": lambda folder: any(folder.parent.parent.glob("models/*/artifacts")),
+    }.get(moment)
+    delay = {"before_first_checkpoint": (0, 0.05), "mid_epoch": (0.05, 0.4)}.get(moment, (0, 0))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if moment == "during_checkpoint_upload":
+            copy = checkpoint_copy(process.pid)
+            if copy and is_short(copy):
+                process.kill()
+                process.wait()
+                return copy[1].parts[-5] if is_short(copy) else None
+        else:
+            folders = run_folders(root, experiment)
+            if folders and reached(folders[0]):
+                time.sleep(rng.uniform(*delay))
+                process.kill()
+                process.wait()
+                return folders[0].parent.name
+        time.sleep(0.001)
+    raise AssertionError(f"the train process ended before it could be killed {moment}")
+
+
+def final_weights(run_id: str) -> dict[str, torch.Tensor]:
+    return state_of(mlflow.get_run(run_id).data.tags["model_uri"])
+
+
+@pytest.fixture(scope="module")
+def unbroken_run(tracking_dir) -> str:
+    """The run id of one unbroken run of KILL_SETTINGS."""
+    uri = f"sqlite:///{tracking_dir / 'mlflow.db'}"
+    experiment = f"unbroken-{uuid.uuid4().hex[:8]}"
+    subprocess.run(
+        train_command(experiment, **KILL_SETTINGS),
+        check=True, capture_output=True, cwd=tracking_dir,
+        env=os.environ | {"MLFLOW_TRACKING_URI": uri},
+    )  # fmt: skip
+    # MLflow's store remembers the working directory it was first opened in as its artifact root:
+    # open it where the tests' `tracking` fixture does.
+    previous = Path.cwd()
+    os.chdir(tracking_dir)
+    try:
+        client = mlflow.MlflowClient(uri)
+        experiment_id = client.get_experiment_by_name(experiment).experiment_id
+        run_id = client.search_runs([experiment_id])[0].info.run_id
+    finally:
+        os.chdir(previous)
+    return run_id
+
+
+@pytest.mark.parametrize(
+    "moment",
+    ["before_first_checkpoint", "mid_epoch", "during_checkpoint_upload", "during_model_logging"],
+)
+def test_a_run_killed_at_any_moment_resumes_to_the_unbroken_weights(
+    tracking, tracking_dir, unbroken_run, moment
+):
+    """SIGKILL, then `train -P resume_run_id=...` on the same run: it ends FINISHED, with the
+    unbroken run's weights exactly and one value per epoch in each metric series."""
+    rng = random.Random(moment)
+    for _attempt in range(5):
+        process = subprocess.Popen(
+            train_command(tracking, **KILL_SETTINGS),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        killed = kill_at(moment, process, tracking_dir, tracking, rng)
+        if killed:
+            break
+    assert killed, "5 kills in a row came just as a checkpoint copy finished"
+    assert mlflow.get_run(killed).info.status == "RUNNING"  # only its own process could end it
+    resumed = subprocess.run(
+        train_command(tracking, resume_run_id=killed), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run = mlflow.get_run(killed)
+    assert run.info.status == "FINISHED"
+    resumed_from = int(run.data.tags["resumed_from_epoch"])
+    assert {
+        "before_first_checkpoint": resumed_from == 0,
+        "mid_epoch": resumed_from >= 1,
+        "during_checkpoint_upload": resumed_from < KILL_SETTINGS["epochs"],
+        "during_model_logging": resumed_from == KILL_SETTINGS["epochs"],
+    }[moment], resumed.stderr[-3000:]
+    history = mlflow.MlflowClient().get_metric_history(killed, "val_accuracy")
+    assert sorted(m.step for m in history) == list(range(KILL_SETTINGS["epochs"]))
+    expected, actual = final_weights(unbroken_run), final_weights(killed)
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)

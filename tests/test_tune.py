@@ -2,6 +2,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import uuid
 
 import mlflow
@@ -188,3 +189,49 @@ def test_two_workers_share_one_postgres_study(tracking, space, empty_postgres_da
     assert logged == sorted(numbers)
     # Every trial is judged on the same validation split, whichever worker ran it.
     assert set(children["params.seed"]) == {"0"}
+
+
+def tune_command(tracking: str, space: str, storage: str, **options) -> list[str]:
+    settings = TINY | {"n_trials": 1, "pruner": "none", "heartbeat_seconds": 1} | options
+    return [
+        sys.executable, "-m", "pipeline.cli", "tune", f"--experiment-name={tracking}",
+        f"--storage={storage}", f"--search-space={space}", "--study-name=killed",
+        *(f"--{k.replace('_', '-')}={v}" for k, v in settings.items()),
+    ]  # fmt: skip
+
+
+def test_a_killed_workers_trial_run_is_ended_by_the_next_worker(tracking, space, storage):
+    """Worker A is SIGKILLed mid-trial. Once its heartbeat is stale (3 s here), worker B fails the
+    trial, tags A's trial run with the retry and runs the retry itself; A's runs end KILLED (on
+    the same machine B finds A's process gone before Optuna does; on another, by the heartbeat)."""
+    worker_a = subprocess.Popen(
+        tune_command(tracking, space, storage, epochs=500),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        trials = mlflow.search_runs(
+            experiment_names=[tracking], filter_string="tags.optuna_trial = '0'"
+        )
+        if (
+            len(trials)
+            and "metrics.val_accuracy" in trials
+            and trials["metrics.val_accuracy"].notna().any()
+        ):
+            break
+        time.sleep(0.2)
+    worker_a.kill()
+    worker_a.wait()
+    time.sleep(4)
+    subprocess.run(
+        tune_command(tracking, space, storage, epochs=1), check=True, capture_output=True
+    )
+    runs = mlflow.search_runs(experiment_names=[tracking])
+    killed = runs[runs["tags.optuna_trial"] == "0"].iloc[0]
+    retry = runs[runs["tags.optuna_trial"] == "1"].iloc[0]
+    assert killed["status"] == "KILLED" and killed["tags.retried_in_trial"] == "1"
+    assert killed["tags.killed_reason"]
+    assert retry["status"] == "FINISHED" and retry["tags.retry_of_trial"] == "0"
+    assert (runs["status"] != "RUNNING").all(), runs[["tags.mlflow.runName", "status"]]
+    study = optuna.load_study(study_name="killed", storage=storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]

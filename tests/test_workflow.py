@@ -1,3 +1,9 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import mlflow
 import pytest
 import torch
@@ -87,3 +93,38 @@ def test_rerunning_main_after_a_failed_step_resumes_at_that_step(tracking, tmp_p
     assert mlflow.get_run(steps["train"]).info.status == "FINISHED"
     promote = mlflow.get_run(steps["promote"])  # the registry is shared: promote or keep
     assert promote.info.status == "FINISHED" and "decision" in promote.data.tags
+
+
+def test_a_killed_main_leaves_no_step_running_once_main_runs_again(tracking, tmp_path):
+    """main and its step are SIGKILLed together (their process group) while train runs; the next
+    main finds both runs' processes gone, ends them KILLED, and runs the workflow to the end."""
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_MAIN.items()]
+    main = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "main", f"--experiment-name={tracking}", *options],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        train = mlflow.search_runs(
+            experiment_names=[tracking],
+            filter_string="tags.`mlflow.project.entryPoint` = 'train' and tags.`process.pid` != ''",
+        )
+        if len(train):
+            break
+        time.sleep(0.5)
+    os.killpg(main.pid, signal.SIGKILL)
+    main.wait()
+    killed = set(
+        mlflow.search_runs(experiment_names=[tracking], filter_string="status = 'RUNNING'").run_id
+    )
+    assert train.run_id[0] in killed and len(killed) == 2  # main and its train step
+    steps = run_main({**TINY_MAIN, "experiment_name": tracking})
+    for run_id in killed:
+        run = mlflow.get_run(run_id)
+        assert (
+            run.info.status == "KILLED"
+            and "ended without closing" in run.data.tags["killed_reason"]
+        )
+    runs = mlflow.search_runs(experiment_names=[tracking])
+    assert (runs["status"] != "RUNNING").all()
+    assert mlflow.get_run(steps["train"]).info.status == "FINISHED"
