@@ -94,8 +94,9 @@ class Crash(Exception):
     pass
 
 
-def crash_then_resume(tracking: str, settings: dict, crash_after_epoch: int):
-    """An unbroken run, and one that crashes after `crash_after_epoch` and is resumed in place.
+def crash_then_resume(tracking: str, settings: dict, crash_after_epoch: int, before_resume=None):
+    """An unbroken run, and one that crashes after `crash_after_epoch` and is resumed in place
+    (after `before_resume(crashed run id)`, when given).
     Returns (unbroken result, crashed run id, resumed result)."""
     unbroken = run_train(tiny_config(tracking, **settings))
 
@@ -108,6 +109,8 @@ def crash_then_resume(tracking: str, settings: dict, crash_after_epoch: int):
     crashed = mlflow.search_runs(
         experiment_names=[tracking], filter_string="attributes.status = 'FAILED'"
     ).run_id[0]
+    if before_resume:
+        before_resume(crashed)
     return unbroken, crashed, run_train(tiny_config(tracking, resume_run_id=crashed))
 
 
@@ -148,21 +151,15 @@ def test_a_checkpoint_cut_off_mid_upload_is_skipped_for_the_other_slot(tracking,
     resuming takes the other, older one and still ends with the unbroken weights."""
     settings = {"data_dir": "synthetic", "epochs": 3, "width": 8, "max_train_images": 384,
                 "checkpoint_seconds": 0}  # fmt: skip
-    unbroken = run_train(tiny_config(tracking, **settings))
 
-    def crash(epoch, metrics, checkpoint):
-        if epoch == 1:
-            raise Crash
+    def cut_newest_checkpoint_in_half(run_id: str) -> None:
+        store = Path(mlflow.get_run(run_id).info.artifact_uri.removeprefix("file://"))
+        newest = store / "checkpoints" / "b" / "last.pt"
+        newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
 
-    with pytest.raises(Crash):
-        run_train(tiny_config(tracking, **settings), callbacks=[crash])
-    crashed = mlflow.search_runs(
-        experiment_names=[tracking], filter_string="attributes.status = 'FAILED'"
-    ).run_id[0]
-    store = Path(mlflow.get_run(crashed).info.artifact_uri.removeprefix("file://"))
-    newest = store / "checkpoints" / "b" / "last.pt"
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    resumed = run_train(tiny_config(tracking, resume_run_id=crashed))
+    unbroken, crashed, resumed = crash_then_resume(
+        tracking, settings, crash_after_epoch=1, before_resume=cut_newest_checkpoint_in_half
+    )
     assert "checkpoints/b/last.pt is incomplete" in capsys.readouterr().err
     assert mlflow.get_run(crashed).data.tags["resumed_from_epoch"] == "1"
     assert_same_weights(unbroken.model_uri, resumed.model_uri)
