@@ -93,11 +93,11 @@ def dispatch(args: argparse.Namespace) -> None:
     getattr(importlib.import_module(module), function)(config)
 
 
-# MLflow's client retries a failed call 7 times, the waits doubling from 4 s to a 120 s cap: with the
-# tracking server down for 60 s, training stood still for 126 s (measured), because each blocked
-# call waits out its next backoff step after the server is back. Waits doubling from 2 s over ten
-# tries resume it ~2 s after such an outage and survive one of ~8 minutes instead of ~4.
-# Either variable set by the user wins.
+# MLflow's client retries a failed call 7 times, the waits doubling from 4 s to a 120 s cap, so it
+# gives up after ~4 minutes of tracking-server outage and a blocked call goes on only at its next
+# scheduled try (measured, 60 s outage: training stood still 58-61 s after the server was back).
+# Waits doubling from 2 s over ten tries survive ~8 minutes; after a 60 s outage the next try is at
+# 62 s or 126 s (RESULTS.md, Faults). Either variable set by the user wins.
 HTTP_RETRY_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10",

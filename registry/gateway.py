@@ -370,9 +370,10 @@ class Gateway:
         if not isinstance(original, dict):
             original = {"message": text}
         message = clean_message(str(original.get("message") or original.get("detail") or ""))
-        if status >= 500 and status != 504 or not message:
+        internal = status >= 500 and status != 504  # MLflow's timeout answer stays a 504
+        if internal or not message:
             logger.error("request %s answered %s: %s", request_id, status, text[:4000])
-        if status >= 500 and status != 504:
+        if internal:
             self.metrics.rejected.labels("internal_error").inc()
             return 500, self.internal_error(request_id)
         if not message:

@@ -195,23 +195,25 @@ class MicroBatcher:
     """
 
     def __init__(
-        self, forward: Callable[[np.ndarray, bool], np.ndarray], max_images: int, wait_s: float
+        self,
+        build: Callable[[], Any],
+        forward: Callable[[np.ndarray, bool], np.ndarray],
+        max_images: int,
+        wait_s: float,
     ) -> None:
+        """Start the thread, which first runs `build` (loading the network) and keeps its result
+        as `model`; a failure to build is raised here."""
         self.forward = forward
         self.max_images = max(1, int(max_images))
         self.wait_s = max(0.0, float(wait_s))
-        self.pending: queue.SimpleQueue[PendingRequest | tuple[Callable, Future]] = (
-            queue.SimpleQueue()
-        )
+        self.pending: queue.SimpleQueue[PendingRequest] = queue.SimpleQueue()
         self.callers = 0
         self.callers_lock = threading.Lock()
-        threading.Thread(target=self.serve_forever, name="torch", daemon=True).start()
-
-    def call(self, function: Callable[[], Any]) -> Any:
-        """Run `function` on the torch thread and return its result (loading the network)."""
-        answer: Future = Future()
-        self.pending.put((function, answer))
-        return answer.result()
+        built: Future = Future()
+        threading.Thread(
+            target=self.serve_forever, args=(build, built), name="torch", daemon=True
+        ).start()
+        self.model = built.result()
 
     @contextmanager
     def caller(self) -> Iterator[None]:
@@ -229,14 +231,14 @@ class MicroBatcher:
         self.pending.put(PendingRequest(images, tta, answer))
         return answer.result()
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, build: Callable[[], Any], built: Future) -> None:
+        try:
+            built.set_result(build())
+        except Exception as error:
+            built.set_exception(error)
+            return
         while True:
-            first = self.pending.get()
-            if not isinstance(first, PendingRequest):
-                function, answer = first
-                settle(answer, function)
-                continue
-            batch = self.collect(first)
+            batch = self.collect(self.pending.get())
             for tta in (False, True):
                 group = [request for request in batch if request.tta == tta]
                 if group:
@@ -255,9 +257,6 @@ class MicroBatcher:
                 )
             except queue.Empty:
                 break
-            if not isinstance(item, PendingRequest):
-                self.pending.put(item)
-                break
             batch.append(item)
             count += len(item.images)
         return batch
@@ -275,13 +274,6 @@ class MicroBatcher:
             start += len(request.images)
 
 
-def settle(answer: Future, function: Callable[[], Any]) -> None:
-    try:
-        answer.set_result(function())
-    except Exception as error:
-        answer.set_exception(error)
-
-
 class CifarClassifier(mlflow.pyfunc.PythonModel):
     """Classifies encoded images with the logged network, normalizing exactly as in training."""
 
@@ -295,9 +287,12 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
         # 2 cores (benchmarks/RESULTS.md, Serving).
         settings = MICRO_BATCH_DEFAULTS | dict(context.model_config or {})
         self.torch_thread = MicroBatcher(
-            self.forward, settings["max_batch_images"], float(settings["batch_wait_ms"]) / 1000
+            lambda: self.build_network(context),
+            self.forward,
+            settings["max_batch_images"],
+            float(settings["batch_wait_ms"]) / 1000,
         )
-        self.model = self.torch_thread.call(lambda: self.build_network(context))
+        self.model = self.torch_thread.model
         keep_freed_memory()
 
     def build_network(self, context: mlflow.pyfunc.PythonModelContext) -> torch.nn.Module:

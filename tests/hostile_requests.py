@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-INPUT_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+from registry.gateway import INPUT_KEYS
+
 LEAK_MARKERS = ("Traceback", "stack_trace", 'File "', "site-packages", "object at 0x")
 
 

@@ -112,7 +112,7 @@ def ask(batcher: MicroBatcher, value: int, count: int = 1, tta: bool = False) ->
 
 def test_waiting_requests_run_as_one_batch_and_each_gets_its_own_rows():
     forward = RecordingForward()
-    batcher = MicroBatcher(forward, max_images=64, wait_s=0.005)
+    batcher = MicroBatcher(lambda: None, forward, max_images=64, wait_s=0.005)
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda v: ask(batcher, v, count=1 + v % 3), range(16)))
     for value, answer in enumerate(answers):
@@ -124,7 +124,7 @@ def test_waiting_requests_run_as_one_batch_and_each_gets_its_own_rows():
 
 def test_a_lone_request_does_not_wait_and_the_cap_bounds_a_batch():
     forward = RecordingForward()
-    batcher = MicroBatcher(forward, max_images=4, wait_s=1.0)
+    batcher = MicroBatcher(lambda: None, forward, max_images=4, wait_s=1.0)
     started = time.perf_counter()
     assert ask(batcher, 7)[0, 0] == 7
     assert time.perf_counter() - started < 0.5  # the 1 s wait is only for callers already decoding
@@ -135,7 +135,7 @@ def test_a_lone_request_does_not_wait_and_the_cap_bounds_a_batch():
 
 def test_tta_requests_are_batched_apart_and_an_error_reaches_its_caller_only():
     forward = RecordingForward()
-    batcher = MicroBatcher(forward, max_images=64, wait_s=0.005)
+    batcher = MicroBatcher(lambda: None, forward, max_images=64, wait_s=0.005)
     with ThreadPoolExecutor(8) as pool:
         plain = pool.submit(ask, batcher, 3)
         mirrored = pool.submit(ask, batcher, 3, 1, True)
