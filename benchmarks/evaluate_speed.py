@@ -49,7 +49,7 @@ def main() -> None:
             {
                 "images": args.images,
                 "model": "cnn",
-                "width": config.width,
+                "width": config.options["width"],
                 "evaluate_stage_seconds": round(seconds, 1),
                 "images_per_second": round(args.images / seconds),
                 "test_accuracy": round(result.metrics["test_accuracy"], 4),

@@ -37,9 +37,9 @@ import numpy as np
 import psutil
 
 from pipeline.data import load_test_set
-from pipeline.tracking import PROJECT_ROOT
+from pipeline.imaging import encode_png
+from pipeline.lineage import PROJECT_ROOT
 from registry.server import TOKEN_ENV, hardened_command, serve_command, wait_until_serving
-from registry.serving_model import encode_png
 
 MODEL_URI = "models:/cifar10-resnet@champion"
 TOKEN = "benchmark-token"
@@ -115,14 +115,14 @@ def paired_overhead(plain_port: int, hardened_port: int, body: bytes, pairs: int
 def layer_cost_in_process(body: bytes, calls: int = 3000) -> dict:
     """Median time of one request through the layer around an app that answers at once, and
     through that app alone, in one event loop."""
-    from registry.gateway import Gateway, GatewaySettings, ServerMetrics
+    from registry.gateway import GatewaySettings, ServerMetrics, build_gateway
 
     async def answer_at_once(scope, receive, send) -> None:
         await receive()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b'{"predictions": []}'})
 
-    layered = Gateway(answer_at_once, GatewaySettings(token=TOKEN), ServerMetrics())
+    layered = build_gateway(answer_at_once, GatewaySettings(token=TOKEN), ServerMetrics())
     headers = [
         (b"content-type", b"application/json"),
         (b"authorization", f"Bearer {TOKEN}".encode()),

@@ -18,8 +18,9 @@ import torch
 
 from pipeline.config import resolve_train_config
 from pipeline.data import make_synthetic
+from pipeline.loop import fit
 from pipeline.models import get_spec, model_names
-from pipeline.train import fit, prepare_training
+from pipeline.prepare import prepare_training
 
 
 def measure(name: str, images: int, batch_size: int, epochs: int, compile_model: bool) -> dict:

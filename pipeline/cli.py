@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline.config import (
     EvaluateConfig,
+    PredictConfig,
     PreprocessConfig,
     PromoteConfig,
     ServeConfig,
@@ -26,6 +27,7 @@ from pipeline.config import (
     resolve_train_config,
 )
 from pipeline.errors import PipelineError
+from pipeline.models import option_owners
 
 CONFIGS: dict[str, type] = {
     "preprocess": PreprocessConfig,
@@ -34,13 +36,16 @@ CONFIGS: dict[str, type] = {
     "tune": TuneConfig,
     "promote": PromoteConfig,
     "serve": ServeConfig,
+    "predict": PredictConfig,
 }
-# `main` takes what `train` takes (but resuming, which is one run's business) and force_rerun.
-MAIN_EXTRA = {"force_rerun": False}
-MAIN_OPTIONS = (
-    *(f.name for f in dataclasses.fields(TrainConfig) if f.name != "resume_run_id"),
-    *MAIN_EXTRA,
+# `train` takes its config's fields and every model option of the registry (each model checks its
+# own); `main` takes the same (but resuming, which is one run's business) and force_rerun.
+TRAIN_OPTIONS = (
+    *(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("options", "from_recipe")),
+    *option_owners(),
 )
+MAIN_EXTRA = {"force_rerun": False}
+MAIN_OPTIONS = (*(name for name in TRAIN_OPTIONS if name != "resume_run_id"), *MAIN_EXTRA)
 
 
 def given(value: str) -> str | None:
@@ -52,11 +57,18 @@ def add_options(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=given)
 
 
+def stage_options(stage: str) -> list[str]:
+    """The options of one entry point (`main` apart), as MLproject lists them too."""
+    if stage == "train":
+        return list(TRAIN_OPTIONS)
+    return [f.name for f in dataclasses.fields(CONFIGS[stage])]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cifar10", description=__doc__)
     stages = parser.add_subparsers(dest="stage", required=True)
-    for stage, config_class in CONFIGS.items():
-        add_options(stages.add_parser(stage), [f.name for f in dataclasses.fields(config_class)])
+    for stage in CONFIGS:
+        add_options(stages.add_parser(stage), stage_options(stage))
     add_options(
         stages.add_parser("main", help="preprocess -> train -> evaluate -> promote"), MAIN_OPTIONS
     )
@@ -77,6 +89,7 @@ STAGES: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
     "tune": (lambda o: build_config(TuneConfig, o), "pipeline.tune:run_tune"),
     "promote": (lambda o: build_config(PromoteConfig, o), "registry.promote:run_promote"),
     "serve": (lambda o: build_config(ServeConfig, o), "registry.server:run_serve"),
+    "predict": (lambda o: build_config(PredictConfig, o), "pipeline.predict:run_predict"),
     "main": (dict, "pipeline.workflow:run_main"),
 }
 

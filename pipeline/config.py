@@ -62,17 +62,19 @@ class TrainConfig:
     flip: bool = True
     cutout: int = 0
     patience: int = 0
-    width: int = 32
-    hidden_units: int = 256
-    dropout: float = 0.2
-    batch_norm: bool = True
-    convs_per_block: int = 2
+    # The model's own options (pipeline/models.py declares them with defaults); every one is filled.
+    options: dict[str, Any] = field(default_factory=dict)
     pretrained: bool = False
     weights_path: str | None = None
     freeze_epochs: int = 0
     finetune_lr_factor: float = 0.1
     compile: bool = False
     checkpoint_seconds: float = 60.0
+    keep_checkpoints: bool = False
+    stop_if_not_learning: bool = True
+    # Recipe values (batch_size, lr) that came from experiments/<model>.yaml alone, so that
+    # `scaled_to_data` may adapt them to the training-set size; never an explicit value.
+    from_recipe: list[str] = field(default_factory=list)
     resume_run_id: str | None = None
     experiment_name: str | None = None
     config: str | None = None
@@ -162,6 +164,39 @@ class PromoteConfig:
 
 
 @dataclass
+class PredictConfig:
+    """Batch scoring of unlabelled images: `input` a folder (searched recursively), an archive
+    or a glob; `output` a .csv or .parquet file; `engine` local or spark."""
+
+    model_uri: str = ""
+    input: str = ""
+    output: str = ""
+    engine: str = "local"
+    spark_master: str = "local[*]"
+    batch_size: int = 256
+    tta: bool = False
+    experiment_name: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, example in (
+            ("model_uri", "models:/cifar10-resnet@champion or runs:/<run_id>/model"),
+            ("input", "a folder of images, an archive (.tar.gz, .zip) or a glob ('photos/*.jpg')"),
+            ("output", "predictions.csv or predictions.parquet"),
+        ):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is required, e.g. {example}.")
+        if not self.output.lower().endswith((".csv", ".parquet")):
+            raise ConfigError(
+                f"output must end in .csv or .parquet, got {self.output!r}; e.g. -P "
+                "output=predictions.parquet."
+            )
+        if self.engine not in ("local", "spark"):
+            raise ConfigError(f"engine must be local or spark, got {self.engine!r}.")
+        if not 1 <= self.batch_size <= 1024:
+            raise ConfigError(f"batch_size must be between 1 and 1024, got {self.batch_size}.")
+
+
+@dataclass
 class ServeConfig:
     """The hardened server. The token itself is no parameter (`mlflow run` logs parameters, and a
     command line shows in `ps`): it comes from CIFAR10_SERVE_TOKEN or the file `token_file`."""
@@ -226,6 +261,8 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
         if text in ("false", "0", "no", "off"):
             return False
         raise ConfigError(f"{name} must be true or false, got {value!r}.")
+    if typing.get_origin(annotation) is dict:
+        return dict(value)
     if typing.get_origin(annotation) is list:
         items = value.split(",") if isinstance(value, str) else list(value)
         return [str(item).strip() for item in items if str(item).strip()]
@@ -263,12 +300,78 @@ def resolve_train_config(overrides: Mapping[str, Any]) -> TrainConfig:
     model = overrides.get("model") or config_file.get("model") or TrainConfig.model
     defaults_path = model_defaults_path(model)
     model_defaults = read_yaml(defaults_path) if defaults_path.is_file() else {}
-    return build_config(TrainConfig, model_defaults, config_file, {**overrides, "model": model})
+    from_recipe = [
+        name
+        for name in SCALED_FIELDS
+        if name in model_defaults and name not in config_file and name not in overrides
+    ]
+    return train_config_from(
+        model,
+        model_defaults,
+        config_file,
+        {**overrides, "model": model, "from_recipe": from_recipe},
+    )
+
+
+# A recipe in experiments/ is written for the full set (45,000 training images). On a small set its
+# batch leaves few optimizer steps per epoch (1,500 images at batch 512: 2), and the run learns
+# nothing in the epochs a user gives it. The rule: at least MIN_STEPS_PER_EPOCH steps an epoch, the
+# batch halved (to no less than MIN_BATCH) until there are, and the learning rate following the
+# batch, linearly for SGD and by its square root for AdamW. Warm-up is a fraction of the steps, so
+# it follows too. Measured in benchmarks/RESULTS.md (Recipes and training-set size).
+SCALED_FIELDS = ("batch_size", "lr")
+MIN_STEPS_PER_EPOCH = 50
+MIN_BATCH = 16
+
+
+def scaled_to_data(config: TrainConfig, train_images: int) -> TrainConfig:
+    """`config` with its recipe batch size and learning rate adapted to `train_images` (unchanged
+    where the user gave either, or where the recipe already gives enough steps an epoch)."""
+    if "batch_size" not in config.from_recipe:
+        return dataclasses.replace(config, from_recipe=[])
+    batch = config.batch_size
+    while batch > MIN_BATCH and train_images // batch < MIN_STEPS_PER_EPOCH:
+        batch //= 2
+    batch = max(batch, min(MIN_BATCH, config.batch_size))
+    lr = config.lr
+    if "lr" in config.from_recipe and batch != config.batch_size:
+        ratio = batch / config.batch_size
+        lr = config.lr * (ratio if config.optimizer == "sgd" else ratio**0.5)
+    return dataclasses.replace(config, batch_size=batch, lr=lr, from_recipe=[])
+
+
+def train_config_from(model: str, *layers: Mapping[str, Any]) -> TrainConfig:
+    """Flat layers (YAML files, parameters, a logged config.yaml) -> a TrainConfig: the names that
+    `model` declares as options go to `options`, coerced to the type of their default."""
+    from pipeline.models import get_spec, option_owners
+
+    declared = get_spec(model).options
+    owners = option_owners()
+    options = dict(declared)
+    plain_layers = []
+    for layer in layers:
+        plain = {}
+        for key, value in layer.items():
+            if key in declared:
+                default = declared[key]
+                options[key] = coerce(value, type(default), key) if default is not None else value
+            elif key in owners:
+                raise ConfigError(
+                    f"{key!r} is an option of {', '.join(owners[key])}, not of {model} (its "
+                    f"options: {sorted(declared) or 'none'}); drop it or choose another model."
+                )
+            else:
+                plain[key] = value
+        plain_layers.append(plain)
+    return build_config(TrainConfig, *plain_layers, {"options": options, "model": model})
 
 
 def config_to_params(config: Any) -> dict[str, Any]:
-    """The resolved config as flat MLflow params (None shown as an empty string)."""
-    return {k: ("" if v is None else v) for k, v in dataclasses.asdict(config).items()}
+    """The resolved config as flat MLflow params (None shown as an empty string); a model's
+    options stand beside the other fields, as in its YAML file."""
+    values = dataclasses.asdict(config)
+    values |= values.pop("options", None) or {}
+    return {k: ("" if v is None else v) for k, v in values.items()}
 
 
 def dump_yaml(values: Mapping[str, Any]) -> str:

@@ -25,20 +25,25 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
+from pipeline.classifier import predict_in_chunks
 from pipeline.config import EvaluateConfig, config_to_params
 from pipeline.data import BadDataError, load_test_set
+from pipeline.errors import PipelineError
 from pipeline.imaging import ImageSet
 from pipeline.loader import normalize
 from pipeline.models import gradcam_target_layer
 from pipeline.tracking import (
+    load_logged_model,
     log_dataset,
     log_figure,
     log_json,
+    log_lineage,
     log_resolved_params,
     print_summary,
+    rebuild_splits,
+    split_changed,
     stage_run,
 )
-from registry.serving_model import predict_in_chunks
 
 ECE_BINS = 15
 
@@ -229,8 +234,8 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     when they come from the test split of the data that run was trained on."""
     with stage_run(config.experiment_name, "evaluate-tta" if config.tta else "evaluate") as run:
         log_resolved_params(config_to_params(config))
+        model = load_logged_model(config.model_uri)
         test = load_test_set(config.data_dir, config.download, config.skip_bad_images)
-        model = mlflow.pyfunc.load_model(config.model_uri)
         source_run_id = model.metadata.run_id
         meta = model.metadata.metadata or {}
         if "class_names" in meta and tuple(meta["class_names"]) != test.class_names:
@@ -243,6 +248,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
             {"model_uri": config.model_uri, "source_run_id": source_run_id or "", "tta": config.tta}
         )
         log_dataset(test, context="test")
+        log_lineage({"test": test}, config_to_params(config))
         if test.problems:
             log_json(test.problems, "skipped_files.json")
         probabilities = predict_in_chunks(model, test.images, config.batch_size, config.tta)
@@ -283,7 +289,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
             }
         )
         mlflow.log_text(predictions.to_csv(index=False), "predictions.csv")
-        write_back = write_back_reason(source_run_id, test)
+        write_back = write_back_reason(source_run_id, config.data_dir)
         mlflow.set_tags(
             {"written_back": write_back is None, "written_back_reason": write_back or ""}
         )
@@ -311,11 +317,16 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     return EvaluateResult(run.info.run_id, metrics, source_run_id)
 
 
-def write_back_reason(source_run_id: str | None, test: ImageSet) -> str | None:
-    """None when the test split belongs to the data the training run learned from; else why not."""
+def write_back_reason(source_run_id: str | None, data_dir: str) -> str | None:
+    """None when `data_dir` holds, by content digest, the training split the run learned from, so
+    its test split is the one held out from that data; else why the metrics stay here."""
     if not source_run_id:
         return "the model has no training run"
-    trained_on = mlflow.MlflowClient().get_run(source_run_id).data.tags.get("data_source")
-    if trained_on != test.source:
-        return f"run {source_run_id} was trained on {trained_on}, this is the test split of {test.source}"
-    return None
+    run = mlflow.MlflowClient().get_run(source_run_id)
+    try:
+        rebuilt = rebuild_splits(run, data_dir).train
+    except (PipelineError, TypeError, ValueError) as error:
+        return (
+            f"the training split of run {source_run_id} cannot be rebuilt from {data_dir} ({error})"
+        )
+    return split_changed(run, "train", rebuilt)

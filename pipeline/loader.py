@@ -71,6 +71,12 @@ def random_cutout(images: torch.Tensor, size: int, generator: torch.Generator) -
     return images * (~inside)[:, None].to(images.dtype)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's shuffle, augmentation and dropout: a resumed run repeats an epoch
+    exactly, and no two (seed, epoch) pairs of a run share a stream."""
+    return seed * 100_003 + epoch
+
+
 class DeviceBatches:
     """Iterates (images, labels) batches of a split held on `device`.
 
@@ -120,7 +126,7 @@ class DeviceBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(self.seed * 100_003 + self.epoch)
+        generator.manual_seed(epoch_seed(self.seed, self.epoch))
         n = len(self.labels)
         if self.train:
             order = torch.randperm(n, generator=generator, device=self.device)

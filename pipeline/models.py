@@ -6,6 +6,7 @@ MLflow and data code.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +30,19 @@ class UnknownModelError(PipelineError, ValueError):
 @dataclass(frozen=True)
 class ModelSpec:
     build: Callable[..., nn.Module]
-    options: tuple[str, ...] = ()
     weights: Any = None
     frozen_part: str | None = None
     unfreeze_after_freeze_epochs: bool = False
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The model's own options and their defaults: its constructor's keyword arguments (all but
+        `num_classes`). Config, CLI, MLproject and logged models all take them from here."""
+        return {
+            name: parameter.default
+            for name, parameter in inspect.signature(self.build).parameters.items()
+            if name != "num_classes"
+        }
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -62,7 +72,7 @@ def conv_block(in_ch: int, out_ch: int, batch_norm: bool, convs: int) -> nn.Sequ
     return nn.Sequential(*layers)
 
 
-@register("cnn", options=("width", "hidden_units", "dropout", "batch_norm", "convs_per_block"))
+@register("cnn")
 def small_cnn(
     num_classes: int = 10,
     width: int = 32,
@@ -117,7 +127,6 @@ def vgg16_cifar(num_classes: int = 10, dropout: float = 0.5) -> nn.Module:
 
 
 VGG16_SPEC = {
-    "options": ("dropout",),
     "weights": tv_models.VGG16_Weights.IMAGENET1K_V1,
     "frozen_part": "features",
 }
@@ -135,9 +144,13 @@ def get_spec(name: str) -> ModelSpec:
     return MODELS[name]
 
 
-def model_options(name: str, config: Any) -> dict[str, Any]:
-    """The constructor options of `name` taken from a config object (stored with logged models)."""
-    return {option: getattr(config, option) for option in get_spec(name).options}
+def option_owners() -> dict[str, list[str]]:
+    """Every model option of the registry -> the models that take it."""
+    owners: dict[str, list[str]] = {}
+    for name in model_names():
+        for option in MODELS[name].options:
+            owners.setdefault(option, []).append(name)
+    return owners
 
 
 def pretrained_state_dict(name: str, weights_path: str | None) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from pipeline.tracking import (
     log_dataset,
     log_figure,
     log_json,
+    log_lineage,
     log_resolved_params,
     print_summary,
     stage_run,
@@ -150,6 +151,7 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
         log_figure(plot_samples(train, seed=config.seed), "plots/samples_per_class.png")
         log_figure(plot_pixel_histograms(train.images), "plots/pixel_histograms.png")
         log_dataset(train, context="preprocess")
+        log_lineage(splits, config_to_params(config))
         mlflow.set_tag("data_source", data.source)
         for split in (data, test):
             if split is not None:

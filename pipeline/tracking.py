@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import tempfile
 import time
 import warnings
@@ -19,27 +18,22 @@ import psutil
 from filelock import FileLock
 from matplotlib.figure import Figure
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 
-from pipeline.data import SYNTHETIC, load_training_set, stratified_split
+from pipeline.config import ConfigError
+from pipeline.data import SYNTHETIC, Splits, load_training_set, make_splits
 from pipeline.imaging import ImageSet
+from pipeline.lineage import (
+    CODE_TAG,
+    DATA_TAG,
+    DIRTY_TAG,
+    code_identity,
+    code_state,
+    identity,
+    identity_config,
+)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_EXPERIMENT = "cifar10"
-
-
-def git_commit() -> str:
-    """The project's commit, or 'unknown' outside a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -142,7 +136,12 @@ def stage_run(
         run_id=run_id, run_name=run_name, nested=nested, log_system_metrics=log_system_metrics
     ) as run:
         end_orphaned_runs(run.info.experiment_id, run.info.run_id)
-        mlflow.set_tags({"git_commit": git_commit(), **process_tags()})
+        mlflow.set_tags(process_tags())
+        if not run_id:  # a resumed run keeps the code it was started with on record
+            commit, dirty = code_state()
+            mlflow.set_tags(
+                {"git_commit": commit, CODE_TAG: code_identity(), DIRTY_TAG: str(bool(dirty))}
+            )
         try:
             yield run
         except BaseException as error:
@@ -174,28 +173,57 @@ def run_param(run: mlflow.entities.Run, key: str) -> str | None:
     return params.get(f"resolved.{key}", params.get(key))
 
 
-def split_key(run: mlflow.entities.Run) -> tuple[str | None, ...]:
-    """What fixes a training run's validation split: data source, fraction and seed."""
-    return (
-        run.data.tags.get("data_source"),
-        run_param(run, "val_fraction"),
-        run_param(run, "seed"),
+def load_logged_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
+    """A logged model by URI, or one line that names the URI and how to see what exists."""
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except (MlflowException, OSError) as error:
+        reason = str(getattr(error, "message", error)).strip().splitlines()[0][:200]
+        raise ConfigError(
+            f"no model at {model_uri} ({reason}). URIs look like runs:/<run_id>/model, "
+            "models:/m-<model_id> or models:/cifar10-resnet@champion; list what exists with "
+            f"`mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}` (a run's Artifacts tab, "
+            "or Models), or `mlflow runs list --experiment-id <id>`."
+        ) from None
+
+
+def rebuild_splits(run: mlflow.entities.Run, data_dir: str | None = None) -> Splits:
+    """The train and validation splits of a training run, rebuilt with its logged split settings
+    from `data_dir` (default: the data source it logged). Whether they hold what it learned from
+    is for `split_changed` to say."""
+    source = data_dir or run.data.tags.get("data_source")
+    data = load_training_set(source, download=False, skip_bad_images=True)
+    return make_splits(
+        data,
+        float(run_param(run, "val_fraction")),
+        int(float(run_param(run, "seed"))),
+        int(float(run_param(run, "max_train_images") or 0)),
     )
 
 
-def validation_set_of(run: mlflow.entities.Run) -> ImageSet:
-    """The validation images a training run was judged on, rebuilt from what it logged."""
-    data_source, val_fraction, seed = split_key(run)
-    data = load_training_set(data_source, download=False, skip_bad_images=True)
-    _, val_index = stratified_split(data.labels, float(val_fraction), int(float(seed)))
-    return data.subset(val_index)
+def split_changed(run: mlflow.entities.Run, split: str, rebuilt: ImageSet) -> str | None:
+    """None when `rebuilt` has the content digest the run logged for `split`; else what differs."""
+    logged = run.data.tags.get(f"{DATA_TAG}{split}")
+    if logged == rebuilt.digest:
+        return None
+    if logged is None:
+        return (
+            f"run {run.info.run_id} logged no digest of its {split} split (it was trained before "
+            "this project recorded lineage), so its data cannot be checked"
+        )
+    return (
+        f"the {split} split rebuilt from {rebuilt.source} has digest {rebuilt.digest}, but run "
+        f"{run.info.run_id} logged {logged}: these are not the images it was trained on"
+    )
 
 
-def print_summary(stage: str, facts: dict[str, Any], next_command: str) -> None:
+def print_summary(
+    stage: str, facts: dict[str, Any], next_command: str, verdict: str = "finished"
+) -> None:
     """What a stage tells a person at its end: the run, its key numbers (all tracked), where its
     artifacts are, and the command that usually comes next."""
     run = mlflow.active_run() or mlflow.last_active_run()
-    lines = [f"{stage} finished: run {run.info.run_id} (experiment {run.info.experiment_id})"]
+    lines = [f"{stage} {verdict}: run {run.info.run_id} (experiment {run.info.experiment_id})"]
     lines += [f"  {name}: {value}" for name, value in facts.items()]
     lines += [f"  artifacts: {run.info.artifact_uri}", f"  next: {next_command}"]
     print("\n".join(lines), flush=True)
@@ -223,6 +251,24 @@ def log_dataset(data: ImageSet, context: str) -> None:
             data.images, targets=data.labels, source=source_uri, name=data.name, digest=data.digest
         )
     mlflow.log_input(dataset, context=context)
+
+
+def log_lineage(data: dict[str, ImageSet], params: dict[str, Any]) -> None:
+    """Record what this stage consumed (pipeline/lineage.py): tags to match on, `lineage.json` to
+    read."""
+    commit, dirty = code_state()
+    mlflow.set_tags(identity({split: s.digest for split, s in data.items()}, params))
+    log_json(
+        {
+            "data": {
+                split: {"digest": s.digest, "images": len(s), "source": s.source}
+                for split, s in data.items()
+            },
+            "config": identity_config(params),
+            "code": {"commit": commit, "uncommitted_changes_digest": dirty},
+        },
+        "lineage.json",
+    )
 
 
 @contextmanager

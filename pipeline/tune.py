@@ -38,17 +38,21 @@ from pipeline.config import (
     read_yaml,
     resolve_train_config,
 )
-from pipeline.data import load_training_set
+from pipeline.data import load_training_set, make_splits
 from pipeline.imaging import ImageSet
+from pipeline.loop import fit
+from pipeline.models import get_spec
+from pipeline.prepare import prepare_training
+from pipeline.resume import mlflow_epoch_logger
 from pipeline.tracking import (
     first_use_lock,
     log_figure,
+    log_lineage,
     log_resolved_params,
     print_summary,
     process_tags,
     stage_run,
 )
-from pipeline.train import fit, mlflow_epoch_logger, prepare_training
 
 SEARCH_SPACES_DIR = EXPERIMENTS_DIR / "search_spaces"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -65,7 +69,9 @@ def load_search_space(config: TuneConfig) -> dict[str, dict[str, Any]]:
         else SEARCH_SPACES_DIR / f"{config.model}.yaml"
     )
     space = read_yaml(path)
-    known = set(TrainConfig.__dataclass_fields__)
+    known = (set(TrainConfig.__dataclass_fields__) - {"options", "from_recipe"}) | set(
+        get_spec(config.model).options
+    )
     for name, spec in space.items():
         if name not in known:
             raise ConfigError(f"{path}: {name!r} is not a train parameter; valid: {sorted(known)}.")
@@ -250,6 +256,7 @@ def make_objective(config: TuneConfig, space: Mapping, data: ImageSet, parent_ru
                 mlflow.log_metric("best_val_accuracy", twin.value)
                 return twin.value
             prepared = prepare_training(train_config, data)
+            log_resolved_params(config_to_params(prepared.config))  # resolved.* where scaled
             epochs_spent = [0]
 
             def report(epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
@@ -259,14 +266,19 @@ def make_objective(config: TuneConfig, space: Mapping, data: ImageSet, parent_ru
                 if epoch + 1 < train_config.epochs and trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
 
+            def prune_not_learning(problem: str) -> None:
+                mlflow.set_tag("watchdog", problem.split(":")[0])
+                raise optuna.TrialPruned(f"watchdog: {problem}")
+
             try:
                 state = fit(
                     prepared.model,
                     train_config.model,
                     prepared.train_batches,
                     prepared.val_batches,
-                    train_config,
+                    prepared.config,
                     callbacks=[mlflow_epoch_logger(), report],
+                    on_problem=prune_not_learning,
                 )
             except optuna.TrialPruned:
                 record_outcome(trial, "PRUNED", epochs_spent[0])
@@ -337,6 +349,8 @@ def optimize(config: TuneConfig) -> TuneResult:
             config_to_params(config) | {"storage": storage, "study_name": study_name}
         )
         data = load_training_set(config.data_dir, skip_bad_images=config.skip_bad_images)
+        splits = make_splits(data, config.val_fraction, config.seed, config.max_train_images)
+        log_lineage({"train": splits.train, "val": splits.val}, config_to_params(config))
         study = open_study(config, storage)
         study.set_metric_names([OBJECTIVE])
         optuna.logging.set_verbosity(optuna.logging.WARNING)

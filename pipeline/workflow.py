@@ -1,50 +1,145 @@
 """The `main` entry point: preprocess -> train -> evaluate -> promote, each as a child MLflow run.
 
-As in MLflow's multistep example, each step runs through `mlflow.projects.run`, and a step whose
-entry point, parameters, code version and inputs match a finished run is reused instead of rerun, so
-rerunning `main` after a failure resumes at the failed step. `force_rerun=true` runs everything again.
+As in MLflow's multistep example, each step runs through `mlflow.projects.run`. A step is reused
+only when a finished run of it consumed exactly what it would consume now: the same content of every
+data split, the same resolved config and the same code (commit and uncommitted changes), as
+pipeline/lineage.py records them; otherwise its line says which of these changed. Rerunning `main`
+after a failure resumes at the failed step. `force_rerun=true` runs everything again.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlflow
 from mlflow.entities import Run
-from mlflow.exceptions import ExecutionException
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PROJECT_ENTRY_POINT
+from mlflow.exceptions import ExecutionException, MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PROJECT_ENTRY_POINT
 
-from pipeline.config import coerce, resolve_train_config
-from pipeline.data import canonical_source, has_test_set
+from pipeline.config import (
+    EvaluateConfig,
+    PreprocessConfig,
+    PromoteConfig,
+    build_config,
+    coerce,
+    config_to_params,
+    resolve_train_config,
+)
+from pipeline.data import (
+    canonical_source,
+    has_test_set,
+    load_test_set,
+    load_training_set,
+    make_splits,
+)
 from pipeline.errors import PipelineError
-from pipeline.tracking import PROJECT_ROOT, git_commit, print_summary, stage_run
+from pipeline.imaging import ImageSet
+from pipeline.lineage import (
+    CODE_TAG,
+    PROJECT_ROOT,
+    changed_parts,
+    code_identity,
+    identity,
+    identity_config,
+    logged_identity,
+)
+from pipeline.tracking import print_summary, stage_run
 
 INPUTS_TAG = "main.inputs"
 PREPROCESS_KEYS = ("data_dir", "val_fraction", "seed", "download", "skip_bad_images")
 
 
-def find_finished(
-    experiment_id: str, entry_point: str, params: dict[str, str], inputs: dict[str, str]
-) -> Run | None:
-    """A finished run of `entry_point` at this commit with exactly these params and inputs."""
+@dataclass
+class Step:
+    """One step as `main` will run it: its parameters, and the identity (pipeline/lineage.py) a
+    finished run must have recorded to be reused; None when that cannot be known here."""
+
+    entry_point: str
+    params: dict[str, Any]
+    expected: dict[str, str] | None
+    config: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)
+
+
+def splits_or_none(read: Callable[[], dict[str, ImageSet]]) -> dict[str, str] | None:
+    """Digests of the splits a step will read, or None when they cannot be read here (missing
+    data, bad files): the step then runs and says why itself."""
+    try:
+        return {split: data.digest for split, data in read().items()}
+    except PipelineError:
+        return None
+
+
+def with_identity(entry_point: str, params: dict[str, Any], config: Any, data) -> Step:
+    resolved = config_to_params(config)
+    expected = None if data is None else identity(data, resolved)
+    return Step(entry_point, params, expected, resolved)
+
+
+def describe_change(run: Run, step: Step) -> str:
+    """What differs between the newest finished run of a step and what it would consume now."""
+    parts = changed_parts(step.expected or {}, run.data.tags)
+    details = []
+    for part in parts:
+        if part == "config":
+            logged = consumed_config(run)
+            changed = [
+                f"{k}: {logged[k]} -> {v}"
+                for k, v in identity_config(step.config).items()
+                if logged.get(k) != v
+            ]
+            part += f" ({'; '.join(changed[:3])})" if changed else ""
+        elif part == "code":
+            before = run.data.tags.get(CODE_TAG, "not recorded")
+            part += f" ({short_code(before)} -> {short_code(code_identity())})"
+        details.append(part)
+    if run.data.tags.get(INPUTS_TAG, "{}") != json.dumps(step.inputs, sort_keys=True):
+        details.append(f"inputs ({json.dumps(step.inputs, sort_keys=True)})")
+    return f"{', '.join(details)} changed since run {run.info.run_id}"
+
+
+def consumed_config(run: Run) -> dict[str, str]:
+    """The config a run recorded in its `lineage.json` (before any scaling to its data)."""
+    try:
+        return json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/lineage.json"))[
+            "config"
+        ]
+    except (MlflowException, KeyError, ValueError):
+        return {}
+
+
+def short_code(code: str) -> str:
+    commit, _, dirty = code.partition("+")
+    return commit[:9] + (f" with uncommitted changes {dirty[:8]}" if dirty else "")
+
+
+def find_finished(experiment_id: str, step: Step) -> tuple[Run | None, str]:
+    """A finished run of the step that consumed exactly what it would now (data, config, code and
+    main's inputs), or None and why not."""
     runs = mlflow.MlflowClient().search_runs(
         [experiment_id],
         filter_string=(
-            f"attributes.status = 'FINISHED' and tags.`{MLFLOW_PROJECT_ENTRY_POINT}` = '{entry_point}'"
+            f"attributes.status = 'FINISHED' and "
+            f"tags.`{MLFLOW_PROJECT_ENTRY_POINT}` = '{step.entry_point}'"
         ),
         order_by=["attributes.start_time DESC"],
     )
-    commit = git_commit()
+    if step.expected is None:
+        return None, "its data cannot be read here; the step will say why"
+    inputs = json.dumps(step.inputs, sort_keys=True)
     for run in runs:
-        if run.data.tags.get(MLFLOW_GIT_COMMIT, commit) != commit:
-            continue
-        if run.data.tags.get(INPUTS_TAG, "{}") != json.dumps(inputs, sort_keys=True):
-            continue
-        if all(run.data.params.get(k) == v for k, v in params.items()):
-            return run
-    return None
+        if (
+            logged_identity(run.data.tags) == step.expected
+            and run.data.tags.get(INPUTS_TAG, "{}") == inputs
+        ):
+            return run, ""
+    if not runs:
+        return None, "no finished run of this step yet"
+    return None, describe_change(runs[0], step)
 
 
 class StepFailedError(PipelineError):
@@ -69,38 +164,32 @@ def failure_message(client: mlflow.MlflowClient, experiment_id: str, entry_point
     )
 
 
-def get_or_run(
-    experiment_id: str,
-    entry_point: str,
-    params: dict[str, Any],
-    inputs: dict[str, str] | None = None,
-    force: bool = False,
-) -> tuple[Run, bool]:
-    """The step's finished run, reused when it matches, else a fresh child run. Returns (run, reused)."""
-    params = {k: str(v) for k, v in params.items() if v not in (None, "")}
-    inputs = inputs or {}
-    if not force and (found := find_finished(experiment_id, entry_point, params, inputs)):
+def get_or_run(experiment_id: str, step: Step, force: bool = False) -> tuple[Run, bool]:
+    """The step's finished run, reused when it consumed the same data, config and code, else a
+    fresh child run. Returns (run, reused)."""
+    params = {k: str(v) for k, v in step.params.items() if v not in (None, "")}
+    found, why_not = find_finished(experiment_id, step) if not force else (None, "force_rerun")
+    if found is not None:
         report_step(
-            entry_point,
-            f"reused {found.info.run_id} (finished before with the same "
-            "parameters, code and inputs)",
+            step.entry_point,
+            f"reused {found.info.run_id} (finished before with the same data, config and code)",
         )
         return found, True
-    print(f"main: {entry_point}: running ...", file=sys.stderr, flush=True)
+    print(f"main: {step.entry_point}: running: {why_not}", file=sys.stderr, flush=True)
     client = mlflow.MlflowClient()
     try:
         submitted = mlflow.projects.run(
             str(PROJECT_ROOT),
-            entry_point=entry_point,
+            entry_point=step.entry_point,
             parameters=params,
             env_manager="local",
             experiment_id=experiment_id,
             synchronous=True,
         )
     except ExecutionException:
-        raise StepFailedError(failure_message(client, experiment_id, entry_point)) from None
-    client.set_tag(submitted.run_id, INPUTS_TAG, json.dumps(inputs, sort_keys=True))
-    report_step(entry_point, f"ran {submitted.run_id}")
+        raise StepFailedError(failure_message(client, experiment_id, step.entry_point)) from None
+    client.set_tag(submitted.run_id, INPUTS_TAG, json.dumps(step.inputs, sort_keys=True))
+    report_step(step.entry_point, f"ran {submitted.run_id} ({why_not})")
     return client.get_run(submitted.run_id), False
 
 
@@ -116,37 +205,72 @@ def run_main(options: dict[str, Any]) -> dict[str, str]:
     experiment_name = options.pop("experiment_name", None)
     options["data_dir"] = canonical_source(options.get("data_dir", "data"))
     config = resolve_train_config(options)
+    source = config.data_dir
     steps: dict[str, str] = {}
     with stage_run(experiment_name, "main") as run:
         experiment_id = run.info.experiment_id
         preprocess_params = {k: v for k, v in options.items() if k in PREPROCESS_KEYS}
-        preprocess, _ = get_or_run(experiment_id, "preprocess", preprocess_params, force=force)
+        preprocess_config = build_config(PreprocessConfig, preprocess_params)
+
+        def preprocess_splits() -> dict[str, ImageSet]:
+            data = load_training_set(source, False, config.skip_bad_images)
+            carved = make_splits(data, config.val_fraction, config.seed)
+            test = {"test": test_split()} if has_test_set(source) else {}
+            return {"train": carved.train, "val": carved.val} | test
+
+        def train_splits() -> dict[str, ImageSet]:
+            data = load_training_set(source, False, config.skip_bad_images)
+            carved = make_splits(data, config.val_fraction, config.seed, config.max_train_images)
+            return {"train": carved.train, "val": carved.val}
+
+        def test_split() -> ImageSet:
+            return load_test_set(source, False, config.skip_bad_images)
+
+        preprocess, _ = get_or_run(
+            experiment_id,
+            with_identity(
+                "preprocess",
+                preprocess_params,
+                preprocess_config,
+                splits_or_none(preprocess_splits),
+            ),
+            force,
+        )
         steps["preprocess"] = preprocess.info.run_id
-        train, reused = get_or_run(experiment_id, "train", options, force=force)
+        train, reused = get_or_run(
+            experiment_id,
+            with_identity("train", options, config, splits_or_none(train_splits)),
+            force,
+        )
         steps["train"] = train.info.run_id
         model_uri = train.data.tags["model_uri"]
-        if has_test_set(config.data_dir):
+        if has_test_set(source):
+            evaluate_params = {
+                "model_uri": model_uri,
+                "data_dir": source,
+                "skip_bad_images": config.skip_bad_images,
+            }
             evaluate, _ = get_or_run(
                 experiment_id,
-                "evaluate",
-                {
-                    "model_uri": model_uri,
-                    "data_dir": config.data_dir,
-                    "skip_bad_images": config.skip_bad_images,
-                },
-                force=force,
+                with_identity(
+                    "evaluate",
+                    evaluate_params,
+                    build_config(EvaluateConfig, evaluate_params),
+                    splits_or_none(lambda: {"test": test_split()}),
+                ),
+                force,
             )
             steps["evaluate"] = evaluate.info.run_id
         else:
             report_step(
                 "evaluate",
-                f"skipped: {config.data_dir} has no test split. Add the official test_batch (or a "
+                f"skipped: {source} has no test split. Add the official test_batch (or a "
                 "test/<class>/ folder beside train/) there, or evaluate on other data: mlflow run . "
                 f"-e evaluate --env-manager local -P model_uri={model_uri} -P data_dir=...",
             )
-        promote, _ = get_or_run(
-            experiment_id, "promote", {}, inputs={"train_run_id": train.info.run_id}, force=force
-        )
+        promote_step = with_identity("promote", {}, PromoteConfig(), {})
+        promote_step.inputs = {"train_run_id": train.info.run_id}
+        promote, _ = get_or_run(experiment_id, promote_step, force)
         steps["promote"] = promote.info.run_id
         mlflow.set_tags({"train_reused": reused, "model_uri": model_uri})
         mlflow.log_text(json.dumps(steps, indent=2), "steps.json")

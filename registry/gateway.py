@@ -13,6 +13,10 @@ what a hostile client needs, before MLflow's parser sees a byte:
   server log under the request id;
 - `Authorization: Bearer <token>` on everything but /ping and /health when a token is set;
 - Prometheus metrics on /metrics.
+
+Each guard is one small ASGI middleware on Starlette's request and response types; `build_gateway`
+stacks them. A guard refuses by raising `Rejected`, which the outermost one (`Observed`) answers.
+Adding a guard (a rate limit, say) is one class here, one line in `build_gateway` and its test.
 """
 
 from __future__ import annotations
@@ -36,8 +40,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
 
-from registry.serving_model import MAX_IMAGES_PER_REQUEST
+from pipeline.classifier import check_image_count
+from pipeline.decoding import InvalidImageError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -172,13 +179,10 @@ def parse_invocation(body: bytes, settings: GatewaySettings) -> int:
             'e.g. {"dataframe_split": {"columns": ["image"], "data": [["<base64>"]]}}.',
         )
     count = images_in(payload)
-    if count > MAX_IMAGES_PER_REQUEST:
-        raise Rejected(
-            400,
-            "too_many_images",
-            f"{count} images in one request; the limit is {MAX_IMAGES_PER_REQUEST}. "
-            "Split the request.",
-        )
+    try:
+        check_image_count(count)
+    except InvalidImageError as error:
+        raise Rejected(400, "too_many_images", str(error)) from None
     return count
 
 
@@ -191,35 +195,6 @@ def clean_message(text: str) -> str:
     return line if len(line) <= MAX_MESSAGE_CHARS else line[: MAX_MESSAGE_CHARS - 1] + "…"
 
 
-def header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
-
-
-async def answer(
-    send: Send,
-    status: int,
-    payload: dict | bytes,
-    request_id: str,
-    content_type: str = "",
-    close: bool = False,
-) -> None:
-    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    headers = [
-        (b"content-type", (content_type or "application/json").encode()),
-        (b"content-length", str(len(body)).encode()),
-        (b"x-request-id", request_id.encode()),
-    ]
-    if status == 401:
-        headers.append((b"www-authenticate", b"Bearer"))
-    if close:
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
 def error_body(status: int, message: str, request_id: str) -> dict[str, str]:
     return {
         "error_code": ERROR_CODES.get(status, "BAD_REQUEST" if status < 500 else "INTERNAL_ERROR"),
@@ -228,82 +203,115 @@ def error_body(status: int, message: str, request_id: str) -> dict[str, str]:
     }
 
 
-class Gateway:
-    """An ASGI app: the checks above, then MLflow's scoring app with the body already read."""
+def request_id_of(scope: Scope) -> str:
+    return scope["state"]["request_id"]
 
-    def __init__(self, inner: ASGIApp, settings: GatewaySettings, metrics: ServerMetrics) -> None:
-        self.inner = inner
-        self.settings = settings
-        self.metrics = metrics
+
+def internal_error(request_id: str) -> dict[str, str]:
+    return error_body(
+        500, f"internal error; the server log has the details under request id {request_id}.",
+        request_id,
+    )  # fmt: skip
+
+
+class Observed:
+    """Outermost: gives each request an id (answered as `x-request-id`), counts it and its time,
+    answers a `Rejected` as one JSON line, and turns anything unexpected into a 500 whose trace goes
+    to the log under the request id."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.inner(scope, receive, send)
+            await self.app(scope, receive, send)
             return
         request_id = uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = request_id
         route = scope["path"] if scope["path"] in ROUTES else "other"
         started = time.perf_counter()
         status: dict[str, int] = {}
 
-        async def send_counted(message: Message) -> None:
+        async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
-            await self.handle(scope, receive, send_counted, request_id)
+            await self.app(scope, receive, send_with_id)
         except Rejected as refusal:
             self.metrics.rejected.labels(refusal.reason).inc()
-            await answer(
-                send_counted,
-                refusal.status,
-                error_body(refusal.status, refusal.message, request_id),
-                request_id,
-                close=refusal.close,
-            )
+            headers = {"www-authenticate": "Bearer"} if refusal.status == 401 else {}
+            if refusal.close:
+                headers["connection"] = "close"
+            body = error_body(refusal.status, refusal.message, request_id)
+            await JSONResponse(body, refusal.status, headers)(scope, receive, send_with_id)
         except Exception:
             logger.exception("request %s failed", request_id)
             if not status:
-                await answer(send_counted, 500, self.internal_error(request_id), request_id)
+                await JSONResponse(internal_error(request_id), 500)(scope, receive, send_with_id)
         finally:
             self.metrics.requests.labels(route, str(status.get("code", 500))).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
-    def internal_error(self, request_id: str) -> dict[str, str]:
-        return error_body(
-            500, f"internal error; the server log has the details under request id {request_id}.",
-            request_id,
-        )  # fmt: skip
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
-        path = scope["path"]
-        if path not in OPEN_ROUTES:
-            self.check_token(scope)
-        if path == "/metrics":
-            await answer(send, 200, self.metrics.exposition(), request_id, CONTENT_TYPE_LATEST)
+class BearerToken:
+    """`Authorization: Bearer <token>` on everything but /ping and /health, when a token is set."""
+
+    def __init__(self, app: ASGIApp, token: str | None) -> None:
+        self.app, self.token = app, token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.token and scope["type"] == "http" and scope["path"] not in OPEN_ROUTES:
+            given = Request(scope).headers.get("authorization")
+            if given is None or not given.startswith("Bearer "):
+                raise Rejected(
+                    401,
+                    "no_token",
+                    "this server needs 'Authorization: Bearer <token>' on each request.",
+                )
+            if not hmac.compare_digest(
+                given[len("Bearer ") :].strip().encode(), self.token.encode()
+            ):
+                raise Rejected(403, "wrong_token", "the bearer token is not this server's token.")
+        await self.app(scope, receive, send)
+
+
+class MetricsRoute:
+    """Prometheus exposition on /metrics (behind the token, like everything but the health checks)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/metrics":
+            response = Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+            await response(scope, receive, send)
             return
-        if path == "/invocations" and scope["method"] == "POST":
-            body = await self.read_invocation(scope, receive)
+        await self.app(scope, receive, send)
+
+
+class InvocationBody:
+    """/invocations: JSON only (415), a body cap counted from the headers and as chunks arrive
+    (413), then `parse_invocation`'s checks; MLflow's app gets the body already read."""
+
+    def __init__(self, app: ASGIApp, settings: GatewaySettings, metrics: ServerMetrics) -> None:
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"] == "/invocations"
+            and scope["method"] == "POST"
+        ):
+            body = await self.read(Request(scope, receive))
             self.metrics.images.observe(parse_invocation(body, self.settings))
             receive = replay(body, receive)
-        await self.inner(scope, receive, self.rewriting_errors(send, request_id))
+        await self.app(scope, receive, send)
 
-    def check_token(self, scope: Scope) -> None:
-        expected = self.settings.token
-        if not expected:
-            return
-        given = header(scope, b"authorization")
-        if given is None or not given.startswith("Bearer "):
-            raise Rejected(
-                401,
-                "no_token",
-                "this server needs 'Authorization: Bearer <token>' on each request.",
-            )
-        if not hmac.compare_digest(given[len("Bearer ") :].strip().encode(), expected.encode()):
-            raise Rejected(403, "wrong_token", "the bearer token is not this server's token.")
-
-    async def read_invocation(self, scope: Scope, receive: Receive) -> bytes:
-        content_type = (header(scope, b"content-type") or "").lower()
+    async def read(self, request: Request) -> bytes:
+        content_type = request.headers.get("content-type", "").lower()
         mime, _, parameters = content_type.partition(";")
         charset = parameters.replace(" ", "").removeprefix("charset=")
         if mime.strip() != "application/json" or (parameters and charset != "utf-8"):
@@ -314,7 +322,7 @@ class Gateway:
                 "takes JSON only.",
             )
         limit = self.settings.max_body_bytes
-        declared = header(scope, b"content-length")
+        declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             # Answered at once. uvicorn then discards what the client still sends, without keeping
             # it, so an ordinary client (one that sends the whole body before reading) sees the 413
@@ -322,44 +330,47 @@ class Gateway:
             close = int(declared) > DISCARD_AT_MOST * limit
             raise Rejected(413, "body_too_large", too_large(int(declared), limit), close)
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise Rejected(400, "client_gone", "the client closed the connection mid-body.")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise Rejected(413, "body_too_large", too_large(size, limit))
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise Rejected(413, "body_too_large", too_large(size, limit))
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise Rejected(
+                400, "client_gone", "the client closed the connection mid-body."
+            ) from None
+        return b"".join(chunks)
 
-    def rewriting_errors(self, send: Send, request_id: str) -> Send:
-        """Pass answers under 400 through; rewrite the others to one clean JSON line."""
+
+class CleanErrors:
+    """Innermost: MLflow's answers under 400 pass; the others become one clean JSON line (no trace,
+    path or repr; an internal error is a 500 whose original goes to the log)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_of(scope)
         started: dict[str, Any] = {}
         chunks: list[bytes] = []
 
-        async def send_rewritten(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                if message["status"] < 400:
-                    message["headers"] = [
-                        *message["headers"],
-                        (b"x-request-id", request_id.encode()),
-                    ]
-                    await send(message)
-                else:
-                    started.update(message)
+        async def send_clean(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                started.update(message)
                 return
             if not started:
                 await send(message)
                 return
             chunks.append(message.get("body", b""))
-            if message.get("more_body", False):
-                return
-            status, body = started["status"], b"".join(chunks)
-            await answer(send, *self.rewritten(status, body, request_id), request_id)
+            if not message.get("more_body", False):
+                status, answer = self.rewritten(started["status"], b"".join(chunks), request_id)
+                await JSONResponse(answer, status)(scope, receive, send)
 
-        return send_rewritten
+        await self.app(scope, receive, send_clean)
 
     def rewritten(self, status: int, body: bytes, request_id: str) -> tuple[int, dict]:
         text = body.decode("utf-8", errors="replace")
@@ -375,7 +386,7 @@ class Gateway:
             logger.error("request %s answered %s: %s", request_id, status, text[:4000])
         if internal:
             self.metrics.rejected.labels("internal_error").inc()
-            return 500, self.internal_error(request_id)
+            return 500, internal_error(request_id)
         if not message:
             message = f"the request could not be processed (request id {request_id})."
         code = original.get("error_code")
@@ -383,6 +394,15 @@ class Gateway:
         if isinstance(code, str) and code.isupper():
             result["error_code"] = code
         return status, result
+
+
+def build_gateway(inner: ASGIApp, settings: GatewaySettings, metrics: ServerMetrics) -> ASGIApp:
+    """MLflow's scoring app behind the guards, outermost first."""
+    app = CleanErrors(inner, metrics)
+    app = InvocationBody(app, settings, metrics)
+    app = MetricsRoute(app, metrics)
+    app = BearerToken(app, settings.token)
+    return Observed(app, metrics)
 
 
 def too_large(size: int, limit: int) -> str:

@@ -9,6 +9,8 @@ skips the gate. The old champion keeps the alias `previous`, and `rollback` swap
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -17,18 +19,20 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from scipy.stats import binomtest
 
+from pipeline.classifier import predict_in_chunks
 from pipeline.config import PromoteConfig, config_to_params
 from pipeline.errors import PipelineError
+from pipeline.imaging import ImageSet
+from pipeline.lineage import CODE_TAG, DATA_TAG, DIRTY_TAG
 from pipeline.tracking import (
-    git_commit,
     log_json,
+    log_lineage,
     log_resolved_params,
     print_summary,
-    split_key,
+    rebuild_splits,
+    split_changed,
     stage_run,
-    validation_set_of,
 )
-from registry.serving_model import predict_in_chunks
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
@@ -74,14 +78,32 @@ def find_candidates(
     ]
 
 
-def validation_predictions(run: Run, model_uris: list[str], batch_size: int):
-    """The run's validation split and each model's predicted labels on it."""
-    val = validation_set_of(run)
-    predictions = [
+def checked_validation_set(candidate: Run, others: list[Run]) -> tuple[ImageSet, str | None]:
+    """The candidate's validation split, rebuilt from its data source, and why it cannot be used
+    (None when it can): each run compared on it must have logged exactly this content."""
+    val = rebuild_splits(candidate).val
+    for run in (candidate, *others):
+        if problem := split_changed(run, "val", val):
+            return val, (
+                f"{problem}. The files under {val.source} changed since then: retrain on them "
+                f"(mlflow run . -e train --env-manager local -P data_dir={val.source} ...) and "
+                "promote that run, or restore the files it was trained on"
+            )
+    return val, None
+
+
+def predicted_labels(val: ImageSet, model_uris: list[str], batch_size: int) -> list[np.ndarray]:
+    return [
         predict_in_chunks(mlflow.pyfunc.load_model(uri), val.images, batch_size).argmax(axis=1)
         for uri in model_uris
     ]
-    return val, predictions
+
+
+def refused(problem: str, config: PromoteConfig, **ids: Any) -> Decision:
+    """A comparison that cannot be made fairly: kept, unless forced."""
+    if config.force:
+        return Decision("force", f"forced although {problem}", **ids)
+    return Decision("keep", f"not compared: {problem}", **ids)
 
 
 def mcnemar_p_value(new_correct: np.ndarray, old_correct: np.ndarray) -> tuple[float, int, int]:
@@ -110,15 +132,20 @@ class Decision:
 def gate(candidate: Run, champion: Run, config: PromoteConfig) -> Decision:
     """Compare two runs' models on the candidate's validation split."""
     ids = {"candidate_run_id": candidate.info.run_id, "champion_run_id": champion.info.run_id}
-    if split_key(candidate) != split_key(champion):
-        return Decision(
-            "force" if config.force else "keep",
-            "trained on different validation splits, so not comparable"
-            + ("; forced" if config.force else "; pass force=true to promote anyway"),
+    val_tag = f"{DATA_TAG}val"
+    if candidate.data.tags.get(val_tag) != champion.data.tags.get(val_tag):
+        return refused(
+            "the two runs were judged on validation splits of different content (digests "
+            f"{candidate.data.tags.get(val_tag)} and {champion.data.tags.get(val_tag)}), so their "
+            "accuracies are not comparable; train the candidate on the champion's data and split",
+            config,
             **ids,
         )
-    val, (new, old) = validation_predictions(
-        candidate, [model_uri_of(candidate), model_uri_of(champion)], config.batch_size
+    val, problem = checked_validation_set(candidate, [champion])
+    if problem:
+        return refused(problem, config, **ids)
+    new, old = predicted_labels(
+        val, [model_uri_of(candidate), model_uri_of(champion)], config.batch_size
     )
     labels = val.labels
     new_correct, old_correct = new == labels, old == labels
@@ -150,9 +177,10 @@ def gate(candidate: Run, champion: Run, config: PromoteConfig) -> Decision:
 def first_champion_gate(candidate: Run, config: PromoteConfig) -> Decision:
     """A first champion has nothing to beat but chance: its validation accuracy must be above
     1 / classes by a one-sided binomial test at `alpha`, and at least `min_accuracy`."""
-    val, (predicted,) = validation_predictions(
-        candidate, [model_uri_of(candidate)], config.batch_size
-    )
+    val, problem = checked_validation_set(candidate, [])
+    if problem:
+        return refused(problem, config, candidate_run_id=candidate.info.run_id)
+    (predicted,) = predicted_labels(val, [model_uri_of(candidate)], config.batch_size)
     labels = val.labels
     correct, total = int((predicted == labels).sum()), len(labels)
     chance = 1 / len(val.class_names)
@@ -168,7 +196,12 @@ def first_champion_gate(candidate: Run, config: PromoteConfig) -> Decision:
         f"first champion, {numbers}"
         if earned
         else f"refused as first champion, not better than chance or min_accuracy: {numbers}"
-        + ("; forced" if config.force else "; pass force=true to promote anyway")
+        + (
+            "; forced"
+            if config.force
+            else ". The model has not learned: train it again with a lower -P lr (or a larger "
+            "one), more -P epochs, or check the labels (cifar10 preprocess)"
+        )
     )
     return Decision(
         action,
@@ -185,31 +218,50 @@ def register(
     config: PromoteConfig,
     champion: ModelVersion | None,
 ) -> ModelVersion:
-    """Register the candidate's model, move `champion` to it and `previous` to the old one."""
-    version = mlflow.register_model(model_uri_of(candidate), config.model_name)
+    """Register the candidate's logged model (MLflow links the version to it, and so to its
+    run, metrics and dataset inputs), with the lineage a reviewer needs as tags, then move
+    `champion` to it and `previous` to the old one."""
     metric = candidate.data.metrics[config.metric]
+    run_tags = candidate.data.tags
+    source = run_tags.get("data_source", "")
     tags = {
         "source_run_id": candidate.info.run_id,
-        "architecture": candidate.data.tags.get("architecture", ""),
+        "architecture": run_tags.get("architecture", ""),
         "selection_metric": config.metric,
         "selection_value": f"{metric:.6f}",
-        "data_source": candidate.data.tags.get("data_source", ""),
-        "git_commit": candidate.data.tags.get("git_commit", git_commit()),
+        "data_source": source,
+        "dataset": Path(source).name or source,
+        "dataset_train_digest": run_tags.get(f"{DATA_TAG}train", ""),
+        "dataset_val_digest": run_tags.get(f"{DATA_TAG}val", ""),
+        "git_commit": run_tags.get("git_commit", ""),
+        "code_dirty": run_tags.get(DIRTY_TAG, ""),
+        "code": run_tags.get(CODE_TAG, ""),
+        "config": logged_config(candidate),
     }
-    for key, value in tags.items():
-        client.set_model_version_tag(config.model_name, version.version, key, value)
+    version = mlflow.register_model(model_uri_of(candidate), config.model_name, tags=tags)
+    dirty = " with uncommitted changes" if tags["code_dirty"] == "True" else ""
     client.update_model_version(
         config.model_name,
         version.version,
         description=(
             f"{tags['architecture']} from run {candidate.info.run_id}: {config.metric}={metric:.4f} "
-            f"on data {tags['data_source']} at commit {tags['git_commit']}."
+            f"on dataset {tags['dataset']} (train digest {tags['dataset_train_digest']}, "
+            f"validation digest {tags['dataset_val_digest']}) at commit {tags['git_commit']}{dirty}."
+            " Its resolved config is the tag `config`."
         ),
     )
     if champion is not None:
         client.set_registered_model_alias(config.model_name, PREVIOUS, champion.version)
     client.set_registered_model_alias(config.model_name, CHAMPION, version.version)
     return version
+
+
+def logged_config(run: Run) -> str:
+    """The run's resolved config as YAML (its `config.yaml`), or "" for a run without one."""
+    try:
+        return mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config.yaml")
+    except MlflowException:
+        return ""
 
 
 def rollback(client: mlflow.MlflowClient, config: PromoteConfig) -> Decision:
@@ -289,6 +341,7 @@ def run_promote(config: PromoteConfig) -> Decision:
     client = mlflow.MlflowClient()
     with stage_run(config.experiment_name, "rollback" if config.rollback else "promote") as run:
         log_resolved_params(config_to_params(config))
+        log_lineage({}, config_to_params(config))
         if config.rollback:
             decision = rollback(client, config)
         else:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import json
 import os
@@ -17,6 +18,9 @@ from pipeline.config import ConfigError, ServeConfig
 
 SETTINGS_ENV = "CIFAR10_SERVE_SETTINGS"
 TOKEN_ENV = "CIFAR10_SERVE_TOKEN"
+# mallopt parameters from glibc's malloc.h
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 
 
 def serve_command(model_uri: str, host: str, port: int | str, workers: int | str = 1) -> list[str]:
@@ -124,15 +128,32 @@ def run_serve(config: ServeConfig) -> None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+def keep_freed_memory() -> None:
+    """Let glibc keep freed tensor memory for reuse instead of handing it back to the OS.
+
+    By default each request's activations (256 KB and up) get fresh mmap'd pages, so every request
+    pays hundreds of page faults (measured: ~700 for one image through ResNet-18, 1.5-5 ms on a
+    2-core VM). The effect is process-wide, so only the server's own worker processes ask for it;
+    elsewhere than glibc this does nothing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**30)
+
+
 def app_from_environment():
     """What each uvicorn worker builds: the logged model in MLflow's app, behind the gateway."""
     from mlflow.pyfunc import load_model, scoring_server
 
-    from registry.gateway import Gateway, GatewaySettings, ServerMetrics
+    from registry.gateway import GatewaySettings, ServerMetrics, build_gateway
 
+    keep_freed_memory()
     settings = json.loads(os.environ[SETTINGS_ENV])
     model = load_model(settings["model_path"], model_config=settings["model_config"])
-    return Gateway(
+    return build_gateway(
         scoring_server.init(model),
         GatewaySettings(
             max_body_bytes=settings["max_body_bytes"],

@@ -3,7 +3,8 @@
     python -m scripts.write_mlproject          # rewrites MLproject; tests/test_project.py checks it
 
 Each entry point takes every field of its config (not `experiment_name`: that is
-`mlflow run --experiment-name`). `train` and `main` leave every default empty, meaning "from
+`mlflow run --experiment-name`); `train` and `main` also take every model option that
+pipeline/models.py declares, so a new architecture's options appear here by rerunning this. `train` and `main` leave every default empty, meaning "from
 experiments/<model>.yaml or the config file"; the other entry points show the dataclass default.
 """
 
@@ -15,8 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli import CONFIGS, MAIN_EXTRA, MAIN_OPTIONS
-from pipeline.config import TrainConfig
+from pipeline.cli import CONFIGS, MAIN_EXTRA, MAIN_OPTIONS, stage_options
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = """\
@@ -32,7 +32,12 @@ entry_points:
 """
 # Entry points whose defaults are all "use the config" (the model's YAML decides).
 FROM_MODEL_YAML = ("train", "main")
-REQUIRED = {("evaluate", "model_uri")}
+REQUIRED = {
+    ("evaluate", "model_uri"),
+    ("predict", "model_uri"),
+    ("predict", "input"),
+    ("predict", "output"),
+}
 
 
 def yaml_value(value: Any) -> str:
@@ -48,9 +53,9 @@ def yaml_value(value: Any) -> str:
 
 def parameters(entry: str) -> dict[str, tuple[str, Any]]:
     """name -> (MLflow type, default) for one entry point."""
-    config = TrainConfig if entry == "main" else CONFIGS[entry]
+    config = CONFIGS["train" if entry == "main" else entry]
     hints = typing.get_type_hints(config)
-    names = MAIN_OPTIONS if entry == "main" else [f.name for f in dataclasses.fields(config)]
+    names = MAIN_OPTIONS if entry == "main" else stage_options(entry)
     defaults = {f.name: f.default for f in dataclasses.fields(config)}
     defaults |= {
         f.name: f.default_factory()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tarfile
 import uuid
 from pathlib import Path
 
@@ -103,3 +104,30 @@ def real_subset() -> Path:
     if not (REAL_SUBSET / BATCH_DIR / "data_batch_1").is_file():
         pytest.skip(f"real CIFAR-10 subset not found at {REAL_SUBSET}")
     return REAL_SUBSET
+
+
+REAL_JPEG_ARCHIVE = REAL_SUBSET.parent / "cifar10-jpeg" / "train.tar.gz"
+
+
+def write_jpeg_folder(root: Path, classes: tuple[str, ...], per_class: int) -> Path:
+    """`root/<class>/NNNN.jpg`: the first `per_class` real CIFAR-10 JPEGs of each class, taken
+    from the shared archive (the caller skips when it is absent)."""
+    wanted = {name: per_class for name in classes}
+    with tarfile.open(REAL_JPEG_ARCHIVE) as archive:
+        for member in archive:
+            parts = Path(member.name).parts
+            if member.isfile() and len(parts) == 3 and wanted.get(parts[1], 0) > 0:
+                target = root / parts[1] / parts[2]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(archive.extractfile(member).read())
+                wanted[parts[1]] -= 1
+            if not any(wanted.values()):
+                break
+    return root
+
+
+@pytest.fixture
+def real_jpeg_archive() -> Path:
+    if not REAL_JPEG_ARCHIVE.is_file():
+        pytest.skip(f"real CIFAR-10 JPEG archive not found at {REAL_JPEG_ARCHIVE}")
+    return REAL_JPEG_ARCHIVE

@@ -73,7 +73,7 @@ def test_main_names_the_skipped_evaluate_and_how_to_add_a_test_split(tracking, t
         *("main", "--data-dir", str(data), "--model", "cnn", "--epochs", "1", "--width", "8"),
         *("--experiment-name", tracking),
     )
-    assert "main: train: reused" in again and "same parameters, code and inputs" in again
+    assert "main: train: reused" in again and "same data, config and code" in again
 
 
 def test_a_failure_is_printed_once_with_its_fix_and_tags_the_run(tracking, tmp_path):
@@ -84,9 +84,12 @@ def test_a_failure_is_printed_once_with_its_fix_and_tags_the_run(tracking, tmp_p
         *("--experiment-name", tracking),
         check=False,
     )
-    assert output.count("CIFAR-10 not found in") == 1 and "Traceback" not in output
+    # the model is checked first: a wrong URI is one line, not MLflow's 35-line traceback
+    problem = "no model at runs:/0123456789abcdef/model (Run with id=0123456789abcdef not found)"
+    assert output.count(problem) == 1 and "Traceback" not in output
+    assert "mlflow ui --backend-store-uri" in output
     run = mlflow.search_runs(experiment_names=[tracking]).iloc[0]
-    assert run["status"] == "FAILED" and "CIFAR-10 not found in" in run["tags.error"]
+    assert run["status"] == "FAILED" and problem in run["tags.error"]
 
 
 @pytest.mark.parametrize("stage", ["preprocess", "train"])

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
+from pipeline.classifier import predict_probabilities
 from pipeline.config import EvaluateConfig, resolve_train_config
 from pipeline.data import DataUnavailableError, load_test_set
 from pipeline.evaluate import classification_metrics, expected_calibration_error, run_evaluate
 from pipeline.train import run_train
-from registry.serving_model import predict_probabilities
 from tests.conftest import write_cifar_dir
 from tests.test_preprocess import artifact_paths
 
@@ -120,7 +120,13 @@ def test_evaluate_logs_everything_and_matches_an_independent_reload(trained, tra
 
 def test_missing_test_batch_is_a_clear_error(tracking, tmp_path):
     data_dir = write_cifar_dir(tmp_path, per_batch=50, batches=1, test_images=0)
-    config = EvaluateConfig(model_uri="runs:/x/model", data_dir=str(data_dir))
+    trained = run_train(
+        resolve_train_config(
+            {"data_dir": "synthetic", "epochs": 1, "width": 8, "max_train_images": 64}
+            | {"experiment_name": tracking}
+        )
+    )
+    config = EvaluateConfig(model_uri=trained.model_uri, data_dir=str(data_dir))
     with pytest.raises(DataUnavailableError, match="has no test split"):
         run_evaluate(config)
 
@@ -165,7 +171,7 @@ def test_evaluate_on_other_data_leaves_the_training_run_unchanged(tracking, tmp_
             | {"experiment_name": tracking}
         )
     )
-    other = write_cifar_dir(tmp_path, per_batch=30, batches=1, test_images=40)
+    other = write_cifar_dir(tmp_path, per_batch=100, batches=1, test_images=40)
     evaluated = run_evaluate(
         EvaluateConfig(model_uri=trained.model_uri, data_dir=str(other), gradcam_per_class=0)
     )
@@ -173,6 +179,6 @@ def test_evaluate_on_other_data_leaves_the_training_run_unchanged(tracking, tmp_
     tags = mlflow.get_run(evaluated.run_id).data.tags
     assert (
         tags["written_back"] == "False"
-        and "was trained on synthetic" in tags["written_back_reason"]
+        and "these are not the images it was trained on" in tags["written_back_reason"]
     )
-    assert "not written back: run" in capsys.readouterr().out
+    assert "not written back: the train split rebuilt from" in capsys.readouterr().out

@@ -7,7 +7,13 @@ import logging
 
 import pytest
 
-from registry.gateway import Gateway, GatewaySettings, ServerMetrics, clean_message, json_depth
+from registry.gateway import (
+    GatewaySettings,
+    ServerMetrics,
+    build_gateway,
+    clean_message,
+    json_depth,
+)
 
 
 def call(app, path: str = "/invocations", body: bytes = b'{"inputs": ["x"]}', headers=None):
@@ -28,8 +34,8 @@ def call(app, path: str = "/invocations", body: bytes = b'{"inputs": ["x"]}', he
     return start["status"], dict(start["headers"]), json.loads(body)
 
 
-def gateway(inner, **settings) -> Gateway:
-    return Gateway(inner, GatewaySettings(**settings), ServerMetrics())
+def gateway(inner, **settings):
+    return build_gateway(inner, GatewaySettings(**settings), ServerMetrics())
 
 
 def answering(status: int, body: bytes):

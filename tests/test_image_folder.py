@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from pipeline.data import BadDataError, load_test_set, load_training_set
+from pipeline.decoding import decode_image
 from pipeline.image_folder import UnsafeArchiveError, unpack
-from registry.serving_model import decode_image
 from tests.conftest import write_image_tree
 
 CLASSES = ("cat", "dog", "frog")

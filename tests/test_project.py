@@ -14,6 +14,7 @@ import yaml
 
 from pipeline.cli import CONFIGS, MAIN_EXTRA, build_parser
 from pipeline.config import TrainConfig, coerce
+from pipeline.models import option_owners
 from scripts.write_mlproject import mlproject_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +43,7 @@ def test_mlproject_entry_points_call_the_cli_with_every_parameter():
         "tune",
         "promote",
         "serve",
+        "predict",
         "main",
     }
     parser = build_parser()
@@ -83,6 +85,9 @@ def test_every_mlproject_default_means_the_config_default():
             assert isinstance(parameter, dict), f"{entry}.{name}: a value lost to a YAML comma?"
             if name in MAIN_EXTRA and entry == "main":
                 assert coerce(str(parameter["default"]), bool, name) == MAIN_EXTRA[name]
+                continue
+            if entry in ("train", "main") and name in option_owners():
+                assert parameter["default"] == "", f"{entry}.{name}: a model option's default"
                 continue
             assert name in fields, f"{entry}: {name} is not a field of {config.__name__}"
             if "default" not in parameter or str(parameter["default"]) == "":

@@ -1,12 +1,16 @@
 import mlflow
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline.config import PromoteConfig, resolve_train_config
 from pipeline.train import run_train
 from registry.promote import PromotionError, mcnemar_p_value, run_promote
+from tests.conftest import write_image_tree
 
-SYNTHETIC = {"data_dir": "synthetic", "width": 16, "seed": 0}
+# The recipe's batch and learning rate as given, not scaled to these small sets: the candidates
+# below are meant to be bad, mediocre and good.
+SYNTHETIC = {"data_dir": "synthetic", "width": 16, "seed": 0, "batch_size": 256, "lr": 0.004}
 
 
 def train_in(experiment: str, **overrides) -> str:
@@ -121,7 +125,7 @@ def test_different_validation_splits_are_not_compared(candidates):
     promote(name, "good")
     train_in("other-split", epochs=1, max_train_images=256, val_fraction=0.2)
     refused = promote(name, "other-split")
-    assert refused.action == "keep" and "different validation splits" in refused.reason
+    assert refused.action == "keep" and "validation splits of different content" in refused.reason
     assert promote(name, "other-split", force=True).action == "force"
 
 
@@ -138,3 +142,23 @@ def test_mcnemar_counts_only_discordant_pairs():
     assert (new_only, old_only) == (8, 0)
     assert p == pytest.approx(2 * 0.5**8)
     assert mcnemar_p_value(old, old)[0] == 1.0
+
+
+def test_promote_refuses_to_compare_after_the_candidates_data_changed(tracking, tmp_path):
+    """The validation split is rebuilt from the candidate's data path; when the files there are no
+    longer the ones it was trained on, no accuracy is computed on them and nothing is registered."""
+    tree = write_image_tree(tmp_path / "pets", per_class=30)
+    run_id = train_in(tracking, data_dir=str(tree), epochs=1, width=8, batch_size=16)
+    for path in (tree / "train" / "cat").iterdir():
+        with Image.open(path) as image:
+            flipped = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        flipped.save(path)
+    decision = promote("changed-data", tracking)
+    assert decision.action == "keep" and decision.candidate_run_id == run_id
+    logged = mlflow.get_run(run_id).data.tags["lineage.data.val"]
+    assert f"run {run_id} logged {logged}" in decision.reason
+    assert "these are not the images it was trained on" in decision.reason
+    assert f"retrain on them (mlflow run . -e train --env-manager local -P data_dir={tree}" in (
+        decision.reason
+    )
+    assert not mlflow.MlflowClient().search_registered_models("name = 'changed-data'")

@@ -21,13 +21,14 @@ import pytest
 import requests
 from PIL import Image
 
+from pipeline.classifier import MAX_IMAGES_PER_REQUEST
 from pipeline.config import EvaluateConfig, PromoteConfig, resolve_train_config
 from pipeline.data import BadDataError, load_test_set
 from pipeline.evaluate import run_evaluate
+from pipeline.imaging import encode_png
 from pipeline.train import run_train
 from registry.promote import run_promote
 from registry.server import TOKEN_ENV, hardened_command, serve_command, wait_until_serving
-from registry.serving_model import MAX_IMAGES_PER_REQUEST, encode_png
 from tests.conftest import write_image_tree
 from tests.hostile_requests import LEAK_MARKERS, hostile_requests
 

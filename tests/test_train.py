@@ -15,10 +15,12 @@ import torch
 
 from pipeline.config import ConfigError, resolve_train_config
 from pipeline.data import BadDataError, load_test_set
+from pipeline.imaging import encode_png
+from pipeline.loop import NonFiniteLossError, fit, select_device
 from pipeline.models import model_names
-from pipeline.train import NonFiniteLossError, fit, prepare_training, run_train, select_device
-from registry.serving_model import encode_png
-from tests.conftest import write_cifar_dir, write_image_tree
+from pipeline.prepare import prepare_training
+from pipeline.train import run_train
+from tests.conftest import write_cifar_dir, write_image_tree, write_jpeg_folder
 
 EPOCH_METRICS = {
     "train_loss",
@@ -67,7 +69,9 @@ def test_every_model_trains_and_logs_a_servable_model(tracking, data_256, name):
         "cifar-10-batches-py"
     )
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
-    assert {"config.yaml", "stats.json", "checkpoints"} <= artifacts
+    assert {"config.yaml", "stats.json"} <= artifacts
+    # a finished run's resume checkpoints are gone; the logged model keeps the best weights
+    assert "checkpoints" not in artifacts and run.data.tags["checkpoints"] == "deleted"
     assert run.inputs.dataset_inputs[0].dataset.name == "cifar-10-batches-py"
     test = load_test_set(data_256)
     out = predict_pngs(result.model_uri, test.images)
@@ -273,6 +277,9 @@ KILL_SETTINGS = {
     "batch_size": 64,
     "checkpoint_seconds": 0,
     "seed": 0,
+    # The wide hidden layer's loss rises in epoch 2 and the watchdog would stop the run early;
+    # these tests are about the kills, so every run trains its six epochs.
+    "stop_if_not_learning": False,
 }
 
 
@@ -414,3 +421,53 @@ def test_a_run_killed_at_any_moment_resumes_to_the_unbroken_weights(
     expected, actual = final_weights(unbroken_run), final_weights(killed)
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_keep_checkpoints_keeps_a_finished_runs_checkpoints(tracking):
+    config = tiny_config(
+        tracking, data_dir="synthetic", epochs=1, width=8, max_train_images=128,
+        keep_checkpoints=True,
+    )  # fmt: skip
+    result = run_train(config)
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "checkpoints")}
+    assert artifacts == {"checkpoints/a"}
+    assert mlflow.get_run(result.run_id).data.tags["checkpoints"] == "kept"
+
+
+def test_a_run_that_cannot_learn_is_told_so_tagged_and_stopped_early(tracking, capsys):
+    config = tiny_config(
+        tracking, data_dir="synthetic", epochs=8, width=8, max_train_images=256, lr=1e-9,
+        schedule="constant",
+    )  # fmt: skip
+    result = run_train(config)
+    run = mlflow.get_run(result.run_id)
+    assert result.epochs_run == 3 and run.data.tags["watchdog"] == "not learning"
+    printed = capsys.readouterr()
+    assert (
+        "watchdog: not learning: after 3 epochs" in printed.err and "Stopping early" in printed.err
+    )
+    assert "no better than chance (0.100 for 10 classes" in printed.err and "-P lr=" in printed.err
+    assert f"train stopped early, not learning: run {result.run_id}" in printed.out
+
+
+def test_a_diverging_run_is_caught(tracking, capsys):
+    config = tiny_config(
+        tracking, data_dir="synthetic", epochs=4, width=8, max_train_images=512, batch_size=32,
+        optimizer="sgd", lr=3.0, warmup_fraction=0.9,
+    )  # fmt: skip
+    result = run_train(config)
+    assert result.epochs_run == 2
+    assert mlflow.get_run(result.run_id).data.tags["watchdog"] == "diverging"
+    assert "watchdog: diverging: the training loss rose from" in capsys.readouterr().err
+
+
+def test_a_three_class_folder_of_real_images_learns_with_the_defaults(
+    tracking, real_jpeg_archive, tmp_path
+):
+    """300 real CIFAR-10 JPEGs per class, the cnn recipe as it is (written for 45,000 images:
+    3 steps an epoch unscaled) and 5 epochs: well above the 0.333 of chance."""
+    folder = write_jpeg_folder(tmp_path / "three", ("airplane", "frog", "truck"), 300)
+    result = run_train(tiny_config(tracking, model="cnn", data_dir=str(folder), epochs=5))
+    run = mlflow.get_run(result.run_id)
+    assert run.data.params["resolved.batch_size"] == "16"
+    assert result.best_val_accuracy >= 0.7

@@ -82,7 +82,10 @@ def test_tiny_study_end_to_end(tracking, tmp_path, storage, tiny, capsys, recwar
     path = tmp_path / "best_config.yaml"
     path.write_text(yaml.safe_dump(best_config))
     reloaded = resolve_train_config({"config": str(path)})
-    assert reloaded.lr == study.best_params["lr"] and reloaded.width == study.best_params["width"]
+    assert (
+        reloaded.lr == study.best_params["lr"]
+        and reloaded.options["width"] == study.best_params["width"]
+    )
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "plots")}
     assert {"plots/optimization_history.png", "plots/parallel_coordinate.png"} <= artifacts
 

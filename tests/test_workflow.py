@@ -1,8 +1,11 @@
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -10,6 +13,9 @@ import torch
 from torchvision import models as tv_models
 
 from pipeline.workflow import StepFailedError, run_main
+from tests.conftest import write_image_tree
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # A ResNet that beats chance in seconds (0.94 on synthetic), so the promote step earns a champion.
 TINY_MAIN = {
@@ -47,6 +53,14 @@ def test_main_runs_every_step_once_then_reuses_them(tracking):
     # promote ran through `mlflow run`, whose default architectures once lost resnet18_pretrained
     champion = mlflow.MlflowClient().get_model_version_by_alias("cifar10-resnet", "champion")
     assert champion.tags["architecture"] == "resnet18_pretrained"
+    # the version carries the lineage, and is linked to the run's logged model
+    assert champion.tags["dataset_val_digest"] == train.data.tags["lineage.data.val"]
+    assert champion.tags["code"] == train.data.tags["lineage.code"]
+    assert "model: resnet18_pretrained" in champion.tags["config"]
+    assert champion.source == train.data.tags["model_uri"]  # models:/m-<logged model id>
+    logged_model = mlflow.get_logged_model(train.data.tags["model_uri"].removeprefix("models:/"))
+    linked = json.loads(logged_model.tags["mlflow.modelVersions"])
+    assert {"name": "cifar10-resnet", "version": champion.version} in linked
 
     second = run_main({**TINY_MAIN, "experiment_name": tracking})
     assert second == first
@@ -128,3 +142,65 @@ def test_a_killed_main_leaves_no_step_running_once_main_runs_again(tracking, tmp
     runs = mlflow.search_runs(experiment_names=[tracking])
     assert (runs["status"] != "RUNNING").all()
     assert mlflow.get_run(steps["train"]).info.status == "FINISHED"
+
+
+def project_copy(dest: Path) -> Path:
+    """This project's files (tracked and untracked, not ignored) as a fresh git commit in `dest`,
+    to edit without touching the real checkout."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout.decode()  # fmt: skip
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "copy"]):
+        subprocess.run([*git, *command], cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+def main_process(project: Path, tracking_uri: str, data: Path) -> str:
+    """`cifar10 main` in `project` as a user runs it; returns the line of its train step."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "main", "--experiment-name", "lineage",
+         "--data-dir", str(data), "--model", "cnn", "--epochs", "1", "--width", "8",
+         "--batch-size", "16"],
+        cwd=project, env=os.environ | {"MLFLOW_TRACKING_URI": tracking_uri,
+                                       "PYTHONPATH": str(project)},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("main: train: r")]
+    return lines[0]
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs the project as a git checkout")
+def test_main_reuses_training_only_for_the_same_data_config_and_code(tmp_path):
+    project = project_copy(tmp_path / "project")
+    data = write_image_tree(tmp_path / "pets", per_class=20)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    assert (
+        main_process(project, uri, data) == "main: train: running: no finished run of this step yet"
+    )
+    assert main_process(project, uri, data).startswith("main: train: reused ")
+
+    (data / "train" / "cat" / "0000.png").write_bytes(
+        (data / "train" / "dog" / "0000.png").read_bytes()
+    )
+    line = main_process(project, uri, data)
+    assert line.startswith("main: train: running: data (") and "changed since run" in line
+    assert "config" not in line and "code" not in line
+
+    recipe = project / "experiments" / "cnn.yaml"
+    recipe.write_text(recipe.read_text().replace("dropout: 0.2", "dropout: 0.3"))
+    line = main_process(project, uri, data)
+    assert "config (dropout: 0.2 -> 0.3)" in line and "with uncommitted changes" in line
+    assert "data (" not in line
+
+    with (project / "pipeline" / "loop.py").open("a") as code:
+        code.write("\n# an uncommitted edit\n")
+    line = main_process(project, uri, data)
+    assert line.startswith("main: train: running: code (") and "with uncommitted changes" in line

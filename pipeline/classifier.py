@@ -1,0 +1,177 @@
+"""The pyfunc every consumer loads: encoded images in, label / class name / probabilities out.
+
+It rebuilds the network from the model registry and its logged weights, and imports only torch, the
+model registry, normalization and decoding, so a server starts quickly and carries no training code.
+Every input problem becomes an MlflowException with INVALID_PARAMETER_VALUE, which MLflow's scoring
+app answers with HTTP 400 and the message. Loading it starts one thread (the micro-batcher) and
+nothing process-wide; the thread ends when the model is released or `close()`d.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from pipeline.config import ServeConfig
+from pipeline.decoding import InvalidImageError, decode_image
+from pipeline.imaging import encode_png
+from pipeline.loader import normalize
+from pipeline.micro_batcher import MicroBatcher
+from pipeline.models import build_model
+
+IMAGE_COLUMN = "image"
+MAX_IMAGES_PER_REQUEST = 1024
+# Micro-batching, overridden at load time by model_config: the serve entry point's parameters, or
+# MLFLOW_PYFUNC_INFERENCE_CONFIG='{"max_batch_images": 1}' for `mlflow models serve`. 1 turns it off.
+MICRO_BATCH_DEFAULTS = {
+    "max_batch_images": ServeConfig.max_batch_images,
+    "batch_wait_ms": ServeConfig.batch_wait_ms,
+}
+
+
+def check_image_count(count: int) -> None:
+    """The per-request limit, for the pyfunc and for the gateway in front of it."""
+    if count > MAX_IMAGES_PER_REQUEST:
+        raise InvalidImageError(
+            f"{count} images in one request; the limit is {MAX_IMAGES_PER_REQUEST}. "
+            "Split the request."
+        )
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    tta: bool = False,
+    batch_size: int = 512,
+) -> np.ndarray:
+    """Softmax probabilities for uint8 NHWC images; `tta` averages with the mirrored image."""
+    model.eval()
+    device = next(model.parameters()).device
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        chunk = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2)
+        batch = normalize(chunk.to(device), mean, std)
+        probabilities = model(batch).float().softmax(dim=1)
+        if tta:
+            probabilities = (probabilities + model(batch.flip(-1)).float().softmax(dim=1)) / 2
+        outputs.append(probabilities.cpu().numpy())
+    return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
+
+
+def predict_in_chunks(
+    model: mlflow.pyfunc.PyFuncModel, images: np.ndarray, batch_size: int, tta: bool = False
+) -> np.ndarray:
+    """Probabilities for uint8 NHWC images through a logged model's own `predict`, PNG-encoded as a
+    request would send them, in chunks within the per-request limit."""
+    size = max(1, min(batch_size, MAX_IMAGES_PER_REQUEST))
+    frames = [
+        model.predict(
+            pd.DataFrame({IMAGE_COLUMN: [encode_png(image) for image in images[i : i + size]]}),
+            params={"tta": tta},
+        )
+        for i in range(0, len(images), size)
+    ]
+    return np.array([p for frame in frames for p in frame["probabilities"]], dtype=np.float64)
+
+
+def load_network(meta: dict[str, Any], weights_path: str) -> torch.nn.Module:
+    model = build_model(meta["architecture"], meta["options"], num_classes=len(meta["class_names"]))
+    model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+class CifarClassifier(mlflow.pyfunc.PythonModel):
+    """Classifies encoded images with the logged network, normalizing exactly as in training."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        self.meta = json.loads(Path(context.artifacts["meta"]).read_text())
+        self.class_names = list(self.meta["class_names"])
+        mean, std = self.meta["mean"], self.meta["std"]
+        # Every torch call of this model, loading included, runs on one thread. The scoring server
+        # calls predict from a pool of threads; each calling thread gets its own OpenMP team, and
+        # with more OpenMP threads than cores libgomp stops spinning between parallel regions:
+        # ~190 sleeps and wake-ups per ResNet-18 forward, most of a 9-12 ms overhead per request on
+        # 2 cores (benchmarks/RESULTS.md, Serving).
+        settings = MICRO_BATCH_DEFAULTS | dict(context.model_config or {})
+        meta, weights = self.meta, context.artifacts["weights"]
+        self.batcher = MicroBatcher(
+            lambda: load_network(meta, weights),
+            lambda network, images, tta: predict_probabilities(network, images, mean, std, tta),
+            settings["max_batch_images"],
+            float(settings["batch_wait_ms"]) / 1000,
+        )
+        self.close = weakref.finalize(self, self.batcher.stop)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The network itself (Grad-CAM needs its layers)."""
+        return self.batcher.model
+
+    # MLflow infers no signature from a DataFrame hint; the logged signature stays the explicit one.
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        """`params`: `tta` (flip test-time augmentation) and `on_error`: "raise" (a request with a
+        bad image is refused whole, as the server answers) or "report" (batch scoring: a bad image
+        gets its message in an `error` column, the others are scored)."""
+        params = params or {}
+        report = params.get("on_error", "raise") == "report"
+        try:
+            return self.classify(model_input, bool(params.get("tta", False)), report)
+        except InvalidImageError as error:
+            raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
+
+    def classify(self, model_input: pd.DataFrame, tta: bool, report: bool) -> pd.DataFrame:
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if IMAGE_COLUMN not in frame.columns:
+            raise InvalidImageError(
+                f"missing column '{IMAGE_COLUMN}' (got {list(frame.columns)}); send "
+                '{"dataframe_split": {"columns": ["image"], "data": [["<base64 PNG/JPEG>"]]}}.'
+            )
+        check_image_count(len(frame))
+        errors = [""] * len(frame)
+        with self.batcher.caller():
+            images = []
+            for i, value in enumerate(frame[IMAGE_COLUMN]):
+                try:
+                    images.append(decode_image(value, i))
+                except InvalidImageError as error:
+                    if not report:
+                        raise
+                    errors[i] = str(error).removeprefix(f"image {i}: ")
+            scored = self.batcher.predict(np.stack(images), tta) if images else None
+        labels, names, rows, next_scored = [], [], [], 0
+        for error in errors:
+            if error:
+                labels.append(-1)
+                names.append("")
+                rows.append([])
+                continue
+            probabilities = scored[next_scored]
+            next_scored += 1
+            labels.append(int(probabilities.argmax()))
+            names.append(self.class_names[labels[-1]])
+            rows.append(probabilities.astype(float).tolist())
+        result = pd.DataFrame(
+            {
+                "label": np.array(labels, dtype=np.int64),
+                "class_name": names,
+                "probabilities": rows,
+            }
+        )
+        if report:
+            result["error"] = errors
+        return result

@@ -1,0 +1,309 @@
+"""One training loop for every architecture: `fit()` and its parts.
+
+It knows nothing of MLflow, the CLI or serving: each epoch's metrics go to callbacks (the train
+stage's MLflow logger and progress lines, the tuner's pruning report).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from scipy.stats import binomtest
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.config import TrainConfig
+from pipeline.errors import PipelineError
+from pipeline.loader import DeviceBatches, epoch_seed
+from pipeline.models import get_spec, is_frozen, set_frozen
+
+# Called after every epoch with (epoch, metrics, the checkpoint written this epoch or None); it may
+# raise to stop training (Optuna pruning does).
+EpochCallback = Callable[[int, dict[str, float], Path | None], None]
+
+
+class NonFiniteLossError(PipelineError):
+    """The loss became NaN or infinite; the message names where and the likely cause."""
+
+
+def select_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Phase:
+    """A stretch of epochs with one optimizer and schedule (fine-tuning has two)."""
+
+    start: int
+    end: int
+    lr: float
+
+
+def training_phases(config: TrainConfig, unfreezes: bool) -> list[Phase]:
+    if unfreezes and 0 < config.freeze_epochs < config.epochs:
+        return [
+            Phase(0, config.freeze_epochs, config.lr),
+            Phase(config.freeze_epochs, config.epochs, config.lr * config.finetune_lr_factor),
+        ]
+    return [Phase(0, config.epochs, config.lr)]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, lr: float, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    if config.schedule == "onecycle" and total_steps >= 4:
+        # OneCycleLR divides by its warm-up length in steps, so it needs at least two of them
+        # (one epoch of 81 images at batch 16 is 5 steps: 20% of it is one step).
+        pct_start = max(config.warmup_fraction, 2 / total_steps)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr, total_steps=total_steps, pct_start=pct_start
+        )
+    warmup = max(1, int(config.warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if config.schedule == "constant" or total_steps < 4:
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: DeviceBatches,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn: nn.Module,
+    epoch: int,
+) -> dict[str, float]:
+    """One pass over the shuffled, augmented split; statistics stay on the device until the end."""
+    model.train()
+    device = batches.device
+    use_bf16 = device.type == "cuda"
+    step_losses = torch.zeros(len(batches), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    progress = tqdm(
+        batches,
+        desc=f"epoch {epoch + 1}",
+        leave=False,
+        position=1,
+        file=sys.stderr,
+        disable=not sys.stderr.isatty(),
+    )
+    for step, (images, labels) in enumerate(progress):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(images)
+            loss = loss_fn(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step_losses[step] = loss.detach()
+        correct += (logits.argmax(dim=1) == labels).sum()
+    finite = torch.isfinite(step_losses)
+    if not bool(finite.all()):
+        bad_step = int((~finite).nonzero()[0])
+        raise NonFiniteLossError(
+            f"Loss became {float(step_losses[bad_step])} at epoch {epoch + 1}, step {bad_step + 1}. "
+            f"Likely cause: the learning rate ({optimizer.param_groups[0]['lr']:.3g}) is too high "
+            "for this model and batch size, or the input is not normalized; lower lr and rerun."
+        )
+    return {
+        "train_loss": float(step_losses.mean()),
+        "train_accuracy": float(correct) / batches.num_images,
+    }
+
+
+@torch.no_grad()
+def evaluate_batches(model: nn.Module, batches: DeviceBatches) -> dict[str, float]:
+    """Plain cross-entropy and accuracy over every image of an unaugmented split."""
+    model.eval()
+    device = batches.device
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for images, labels in batches:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(images).float()
+        total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum")
+        correct += (logits.argmax(dim=1) == labels).sum()
+    n = len(batches.labels)
+    return {"val_loss": float(total_loss) / n, "val_accuracy": float(correct) / n}
+
+
+@dataclass
+class FitState:
+    """Everything that a checkpoint must hold for a resumed run to end where an unbroken one does."""
+
+    next_epoch: int = 0
+    best_val_accuracy: float = -1.0
+    best_epoch: int = -1
+    epochs_without_improvement: int = 0
+    best_weights: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+    problem: str | None = None  # what the watchdog found, once
+
+
+# The watchdog: a run whose validation accuracy is still indistinguishable from chance after
+# WATCH_AFTER_EPOCHS epochs, or whose training loss has risen to DIVERGED_FACTOR times its first
+# epoch's, is not going to become useful by spending its remaining epochs.
+WATCH_AFTER_EPOCHS = 3
+DIVERGED_FACTOR = 1.5
+CHANCE_P_VALUE = 0.01
+
+
+def above_chance_p_value(accuracy: float, images: int, classes: int) -> float:
+    """One-sided binomial test of `accuracy` on `images` against guessing among `classes`."""
+    correct = round(accuracy * images)
+    return float(binomtest(correct, images, 1 / classes, alternative="greater").pvalue)
+
+
+def learning_problem(
+    history: list[dict[str, float]], val_images: int, classes: int, lr: float
+) -> str | None:
+    """What is wrong with a run that learns nothing, its likely cause and the fix; None if nothing."""
+    epoch = len(history)
+    first, last = history[0]["train_loss"], history[-1]["train_loss"]
+    if epoch >= 2 and last > DIVERGED_FACTOR * first:
+        return (
+            f"diverging: the training loss rose from {first:.3f} (epoch 1) to {last:.3f} (epoch "
+            f"{epoch}). Likely cause: the learning rate ({lr:.3g}) is too high for this model and "
+            f"batch size. Fix: lower it, e.g. -P lr={lr / 10:.3g}."
+        )
+    best = max(m["val_accuracy"] for m in history)
+    if epoch >= WATCH_AFTER_EPOCHS:
+        p_value = above_chance_p_value(best, val_images, classes)
+        if p_value >= CHANCE_P_VALUE:
+            return (
+                f"not learning: after {epoch} epochs the best validation accuracy is {best:.4f}, "
+                f"no better than chance ({1 / classes:.3f} for {classes} classes; p={p_value:.2g} "
+                f"on {val_images} images). Likely causes: a learning rate too high or too low for "
+                f"this data (lr {lr:.3g}), too few epochs, or labels that do not match the images. "
+                f"Fix: try -P lr={lr / 10:.3g} (or a larger one), more -P epochs, or check the "
+                "labels (cifar10 preprocess)."
+            )
+    return None
+
+
+def save_checkpoint(path: Path, state: FitState, model: nn.Module, optimizer, scheduler) -> None:
+    """Write then rename, so a crash mid-write never leaves a broken checkpoint behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "fit_state": {**state.__dict__},
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        },
+        partial,
+    )
+    os.replace(partial, path)
+
+
+def fit(
+    model: nn.Module,
+    architecture: str,
+    train_batches: DeviceBatches,
+    val_batches: DeviceBatches,
+    config: TrainConfig,
+    callbacks: Sequence[EpochCallback] = (),
+    checkpoint_path: Path | None = None,
+    resume_from: dict[str, Any] | None = None,
+    on_problem: Callable[[str], None] | None = None,
+) -> FitState:
+    """Train `model` for `config.epochs` and keep the best epoch's weights; knows nothing of MLflow.
+
+    Each epoch's metrics go to `callbacks`. With `checkpoint_path` a checkpoint is written there
+    after the last epoch and after any epoch that ends `config.checkpoint_seconds` or more after the
+    previous one (0: every epoch); `resume_from` (a loaded checkpoint) continues after it.
+    The watchdog (`learning_problem`) reports once to `on_problem` (which may raise to stop, as
+    tuning's pruning does) and, with `config.stop_if_not_learning`, ends training early.
+    """
+    state = FitState(**resume_from["fit_state"]) if resume_from else FitState()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    phases = training_phases(config, get_spec(architecture).unfreeze_after_freeze_epochs)
+    step_model = torch.compile(model) if config.compile else model
+    if resume_from:
+        model.load_state_dict(resume_from["model"])
+    classes = int(torch.unique(val_batches.labels).numel())
+    started = last_checkpoint = time.perf_counter()
+    for phase in phases:
+        if state.next_epoch >= phase.end or state.stopped_early:
+            continue
+        set_frozen(model, architecture, is_frozen(architecture, phase.start, config.freeze_epochs))
+        optimizer = make_optimizer(model, config, phase.lr)
+        scheduler = make_scheduler(
+            optimizer, config, phase.lr, (phase.end - phase.start) * len(train_batches)
+        )
+        if resume_from and state.next_epoch > phase.start:
+            optimizer.load_state_dict(resume_from["optimizer"])
+            scheduler.load_state_dict(resume_from["scheduler"])
+        for epoch in range(state.next_epoch, phase.end):
+            torch.manual_seed(epoch_seed(config.seed, epoch))
+            train_batches.set_epoch(epoch)
+            epoch_started = time.perf_counter()
+            metrics = train_one_epoch(
+                step_model, train_batches, optimizer, scheduler, loss_fn, epoch
+            )
+            train_seconds = time.perf_counter() - epoch_started
+            metrics |= evaluate_batches(step_model, val_batches)
+            now = time.perf_counter()
+            metrics |= {
+                "learning_rate": optimizer.param_groups[0]["lr"],
+                "epoch_seconds": now - epoch_started,
+                "images_per_second": train_batches.num_images / train_seconds,
+                "elapsed_seconds": now - started,
+            }
+            state.history.append(metrics)
+            state.next_epoch = epoch + 1
+            if metrics["val_accuracy"] > state.best_val_accuracy:
+                state.best_val_accuracy = metrics["val_accuracy"]
+                state.best_epoch = epoch
+                state.best_weights = {k: v.clone() for k, v in model.state_dict().items()}
+                state.epochs_without_improvement = 0
+            else:
+                state.epochs_without_improvement += 1
+            state.stopped_early = 0 < config.patience <= state.epochs_without_improvement
+            found = None
+            if state.problem is None:
+                found = state.problem = learning_problem(
+                    state.history, len(val_batches.labels), max(2, classes), config.lr
+                )
+                state.stopped_early |= found is not None and config.stop_if_not_learning
+            last_epoch = state.stopped_early or state.next_epoch == config.epochs
+            written = None
+            if checkpoint_path is not None and (
+                last_epoch or now - last_checkpoint >= config.checkpoint_seconds
+            ):
+                save_checkpoint(checkpoint_path, state, model, optimizer, scheduler)
+                written, last_checkpoint = checkpoint_path, time.perf_counter()
+            for callback in callbacks:
+                callback(epoch, metrics, written)
+            if found is not None and on_problem is not None:
+                on_problem(found)
+            if state.stopped_early:
+                break
+    if state.best_weights is not None:
+        model.load_state_dict(state.best_weights)
+    return state

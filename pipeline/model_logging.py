@@ -1,0 +1,84 @@
+"""Logging a trained network as the project's pyfunc: weights, normalization, classes, signature."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import PIL
+import torch
+import torchvision
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.types.schema import AnyType, Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+from pipeline.classifier import IMAGE_COLUMN, MICRO_BATCH_DEFAULTS
+from pipeline.imaging import encode_png
+
+PIPELINE_DIR = Path(__file__).resolve().parent
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec(AnyType(), IMAGE_COLUMN)]),
+    outputs=Schema(
+        [
+            ColSpec(DataType.long, "label"),
+            ColSpec(DataType.string, "class_name"),
+            ColSpec(Array(DataType.double), "probabilities"),
+        ]
+    ),
+    params=ParamSchema(
+        [
+            ParamSpec("tta", DataType.boolean, False),
+            ParamSpec("on_error", DataType.string, "raise"),
+        ]
+    ),
+)
+
+
+def log_classifier(
+    model: torch.nn.Module,
+    architecture: str,
+    options: dict[str, Any],
+    mean: Sequence[float],
+    std: Sequence[float],
+    class_names: Sequence[str],
+    example_image: np.ndarray,
+) -> ModelInfo:
+    """Log `model` under the artifact name `model` in the active run, with everything to serve it.
+    The model carries the `pipeline` package as its code, nothing of `registry/`."""
+    meta = {
+        "architecture": architecture,
+        "options": options,
+        "mean": list(mean),
+        "std": list(std),
+        "class_names": list(class_names),
+        "image_size": 32,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "weights.pt"
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
+        meta_path = Path(tmp) / "meta.json"
+        meta_path.write_text(json.dumps(meta, indent=2))
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PIPELINE_DIR / "classifier_entry.py"),
+            artifacts={"weights": str(weights), "meta": str(meta_path)},
+            code_paths=[str(PIPELINE_DIR)],
+            signature=SIGNATURE,
+            model_config=MICRO_BATCH_DEFAULTS,
+            input_example=pd.DataFrame({IMAGE_COLUMN: [encode_png(example_image)]}),
+            pip_requirements=[
+                f"mlflow=={mlflow.__version__}",
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"torchvision=={torchvision.__version__.split('+')[0]}",
+                f"pillow=={PIL.__version__}",
+                f"pandas=={pd.__version__}",
+                f"numpy=={np.__version__}",
+            ],
+            metadata={"architecture": architecture, "class_names": list(class_names)},
+        )

@@ -1,0 +1,304 @@
+"""The `predict` stage: batch scoring of unlabelled images into a table, on this machine or on Spark.
+
+Both engines call the logged pyfunc's own `predict` (the decoding and forward pass that serving and
+`evaluate` use) with `on_error="report"`, so a file that is not a readable image gets a row with its
+error instead of stopping the job. The local engine feeds it chunks of files; the Spark engine reads
+the files with Spark's `binaryFile` source and runs the same pyfunc through
+`mlflow.pyfunc.spark_udf` in every executor, so the scale is Spark's, not ours.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline.classifier import IMAGE_COLUMN
+from pipeline.config import ConfigError, PredictConfig, config_to_params
+from pipeline.image_folder import is_archive, unpacked_archive
+from pipeline.tracking import (
+    load_logged_model,
+    log_lineage,
+    log_resolved_params,
+    print_summary,
+    stage_run,
+)
+
+# Hadoop's file listing (and so Spark's binaryFile source) skips names starting with "." or "_";
+# the local engine skips the same, so both score the same files.
+HIDDEN_PREFIXES = (".", "_")
+GLOB_CHARACTERS = "*?["
+ARTIFACT_LIMIT_BYTES = 50 * 2**20
+SCORE_OPTIONS = {"on_error": "report"}
+SPARK_RESULT_TYPE = "label long, class_name string, probabilities array<double>, error string"
+
+
+@dataclass
+class InputFiles:
+    """The files to score, sorted; their table paths are relative to `root`."""
+
+    root: Path
+    files: list[Path]
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+
+def hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(HIDDEN_PREFIXES) for part in path.relative_to(root).parts)
+
+
+def list_inputs(location: str) -> InputFiles:
+    """A folder (searched recursively), an archive (unpacked once into the cache, with the data
+    layer's checks) or a glob (`photos/**/*.jpg`), as the files to score."""
+    if any(character in location for character in GLOB_CHARACTERS):
+        base = location[: min(location.index(c) for c in GLOB_CHARACTERS if c in location)]
+        root = Path(base if base.endswith(os.sep) else os.path.dirname(base) or ".").resolve()
+        found = [Path(p).resolve() for p in glob.glob(location, recursive=True)]
+    else:
+        path = Path(location).expanduser()
+        if is_archive(path):
+            root = unpacked_archive(path)  # paths in the table: the members' names
+        elif path.is_dir():
+            root = path.resolve()
+        elif path.exists():
+            raise ConfigError(
+                f"input {path} is a file but not an archive (.tar.gz, .tgz, .tar, .zip); pass "
+                "its folder, an archive or a glob such as 'photos/*.jpg'."
+            )
+        else:
+            raise ConfigError(
+                f"input {path} does not exist; pass a folder of images, an archive or a glob."
+            )
+        found = list(root.rglob("*"))
+    files = sorted(p for p in found if p.is_file() and not hidden(p, root))
+    if not files:
+        raise ConfigError(f"input {location} holds no files to score.")
+    return InputFiles(root, files)
+
+
+def read_bytes(path: Path) -> bytes | str:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        return f"cannot read the file ({error.strerror})"
+
+
+def score_chunk(model: mlflow.pyfunc.PyFuncModel, paths: list[Path], tta: bool) -> pd.DataFrame:
+    """The pyfunc's answer for a chunk of files, one row each; unreadable files keep their error."""
+    contents = [read_bytes(path) for path in paths]
+    frame = pd.DataFrame({IMAGE_COLUMN: [c if isinstance(c, bytes) else b"" for c in contents]})
+    scored = model.predict(frame, params={"tta": tta, **SCORE_OPTIONS})
+    unread = [c if isinstance(c, str) else "" for c in contents]
+    scored["error"] = [u or e for u, e in zip(unread, scored["error"], strict=True)]
+    return scored
+
+
+class ScoringProgress:
+    """A bar on a terminal; in a log file, a line at every tenth of the files."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.next_line = total, 0, total / 10
+        self.started = time.perf_counter()
+        self.bar = tqdm(total=total, unit="img", file=sys.stderr, disable=not sys.stderr.isatty())
+
+    def update(self, count: int) -> None:
+        self.done += count
+        self.bar.update(count)
+        if self.bar.disable and (self.done >= self.next_line or self.done == self.total):
+            rate = self.done / max(time.perf_counter() - self.started, 1e-9)
+            print(
+                f"scored {self.done:,} of {self.total:,} files ({rate:,.0f} images/s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.next_line = self.done + self.total / 10
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def score_local(
+    model: mlflow.pyfunc.PyFuncModel, inputs: InputFiles, config: PredictConfig
+) -> pd.DataFrame:
+    progress = ScoringProgress(len(inputs.files))
+    frames = []
+    try:
+        for start in range(0, len(inputs.files), config.batch_size):
+            chunk = inputs.files[start : start + config.batch_size]
+            frames.append(score_chunk(model, chunk, config.tta))
+            progress.update(len(chunk))
+    finally:
+        progress.close()
+    scored = pd.concat(frames, ignore_index=True)
+    scored.insert(0, "path", [inputs.relative(p) for p in inputs.files])
+    return scored
+
+
+def score_spark(inputs: InputFiles, config: PredictConfig) -> pd.DataFrame:
+    """The same pyfunc in Spark's executors over Spark's `binaryFile` source."""
+    try:
+        from pyspark.sql import SparkSession
+        from pyspark.sql import functions as F
+    except ImportError:
+        raise ConfigError(
+            "engine=spark needs pyspark: pip install -e '.[spark]' (and Java 17 on the machine), "
+            "or use -P engine=local."
+        ) from None
+    spark = (
+        SparkSession.builder.master(config.spark_master)
+        .appName("cifar10-predict")
+        .config("spark.ui.showConsoleProgress", "false")
+        .getOrCreate()
+    )
+    spark.sparkContext.setLogLevel("ERROR")
+    classify = mlflow.pyfunc.spark_udf(
+        spark,
+        config.model_uri,
+        result_type=SPARK_RESULT_TYPE,
+        env_manager="local",
+        params={"tta": config.tta, **SCORE_OPTIONS},
+    )
+    files = spark.read.format("binaryFile").load([p.as_uri() for p in inputs.files])
+    # binaryFile packs small files into few partitions (128 MB each): spread them over every core.
+    files = files.repartition(max(2, spark.sparkContext.defaultParallelism * 2))
+    scored = files.select(
+        "path", classify(F.struct(F.col("content").alias(IMAGE_COLUMN))).alias("scored")
+    ).select("path", "scored.*")
+    table = scored.toPandas()
+    prefix = inputs.root.as_uri().removeprefix("file://")
+    table["path"] = [
+        p.removeprefix("file:").removeprefix("//").removeprefix(prefix).lstrip("/")
+        for p in table["path"]
+    ]
+    return table.sort_values("path", ignore_index=True)
+
+
+def prediction_table(scored: pd.DataFrame, class_names: list[str]) -> pd.DataFrame:
+    """path, class_name, label, confidence, one probability column per class, error."""
+    ok = scored["error"] == ""
+    probabilities = np.full((len(scored), len(class_names)), np.nan)
+    if ok.any():
+        probabilities[ok.to_numpy()] = np.stack(scored.loc[ok, "probabilities"].map(np.asarray))
+    table = pd.DataFrame(
+        {
+            "path": scored["path"],
+            "class_name": scored["class_name"].where(ok, ""),
+            "label": pd.array(scored["label"].where(ok), dtype="Int64"),
+            "confidence": probabilities.max(
+                axis=1, initial=-np.inf, where=~np.isnan(probabilities)
+            ),
+        }
+    )
+    table.loc[~ok, "confidence"] = np.nan
+    for index, name in enumerate(class_names):
+        table[f"p_{name}"] = probabilities[:, index]
+    table["error"] = scored["error"]
+    return table
+
+
+def write_table(table: pd.DataFrame, output: Path) -> None:
+    """Written to a temporary file beside `output`, then renamed: never a half-written table."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.name}.partial")
+    if output.suffix.lower() == ".parquet":
+        table.to_parquet(partial, index=False)
+    else:
+        table.to_csv(partial, index=False)
+    os.replace(partial, output)
+
+
+def model_version_tags(model_uri: str) -> dict[str, str]:
+    """For a registry URI (`models:/name@alias` or `models:/name/3`), the version it resolved to."""
+    name, _, which = model_uri.removeprefix("models:/").partition("@")
+    client = mlflow.MlflowClient()
+    try:
+        if which:
+            version = client.get_model_version_by_alias(name, which).version
+        elif "/" in name:
+            name, version = name.split("/", 1)
+        else:
+            return {}
+    except mlflow.exceptions.MlflowException:
+        return {}
+    return {"model_name": name, "model_version": str(version)}
+
+
+@dataclass
+class PredictResult:
+    run_id: str
+    output: Path
+    table: pd.DataFrame
+
+
+def run_predict(config: PredictConfig) -> PredictResult:
+    """The `predict` entry point: one tracked run, one row per input file."""
+    output = Path(config.output).expanduser().resolve()
+    with stage_run(config.experiment_name, f"predict-{config.engine}") as run:
+        log_resolved_params(config_to_params(config))
+        log_lineage({}, config_to_params(config))
+        started = time.perf_counter()
+        model = load_logged_model(config.model_uri)
+        class_names = list(model.metadata.metadata["class_names"])
+        inputs = list_inputs(config.input)
+        loaded = time.perf_counter()
+        print(
+            f"predict: scoring {len(inputs.files):,} files of {config.input} with "
+            f"{config.model_uri} on engine {config.engine}",
+            file=sys.stderr,
+            flush=True,
+        )
+        if config.engine == "spark":
+            scored = score_spark(inputs, config)
+        else:
+            scored = score_local(model, inputs, config)
+        seconds = time.perf_counter() - loaded
+        table = prediction_table(scored, class_names)
+        write_table(table, output)
+        errors = int((table["error"] != "").sum())
+        counts = table.loc[table["error"] == "", "class_name"].value_counts()
+        mlflow.set_tags(
+            {
+                "model_uri": config.model_uri,
+                "engine": config.engine,
+                "input": config.input,
+                "output_path": str(output),
+            }
+            | model_version_tags(config.model_uri)
+        )
+        mlflow.log_metrics(
+            {
+                "input_files": len(table),
+                "scored_files": len(table) - errors,
+                "error_files": errors,
+                "images_per_second": len(table) / seconds,
+                "model_load_seconds": loaded - started,
+                "scoring_seconds": seconds,
+            }
+            | {f"count_{name}": int(counts.get(name, 0)) for name in class_names}
+        )
+        if output.stat().st_size <= ARTIFACT_LIMIT_BYTES:
+            mlflow.log_artifact(str(output))
+        print_summary(
+            "predict",
+            {
+                "scored": f"{len(table) - errors:,} of {len(table):,} files"
+                + (f" ({errors:,} not readable images: see the error column)" if errors else ""),
+                "speed": f"{len(table) / seconds:,.0f} images/s on {config.engine} "
+                f"(model loaded in {loaded - started:.1f} s)",
+                "classes": ", ".join(
+                    f"{name} {int(counts.get(name, 0)):,}" for name in class_names
+                ),
+                "output": str(output),
+            },
+            f"python -c \"import pandas as pd; print(pd.read_{output.suffix[1:]}('{output}'))\"",
+        )
+    return PredictResult(run.info.run_id, output, table)

@@ -1,0 +1,65 @@
+"""What a training run trains on: data, splits, device-resident batches and a seeded model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.config import TrainConfig, scaled_to_data
+from pipeline.data import Splits, load_training_set, make_splits
+from pipeline.imaging import ImageSet
+from pipeline.loader import Augmentation, DeviceBatches
+from pipeline.loop import select_device
+from pipeline.models import build_model
+
+
+@dataclass
+class Prepared:
+    config: TrainConfig  # what really runs: the recipe scaled to the training-set size
+    splits: Splits
+    model: nn.Module
+    train_batches: DeviceBatches
+    val_batches: DeviceBatches
+    device: torch.device
+    data: ImageSet
+
+
+def prepare_training(config: TrainConfig, data: ImageSet | None = None) -> Prepared:
+    """Data, splits, device-resident batches and a freshly seeded model for `config`, whose
+    recipe batch size and learning rate are first scaled to the training split (`Prepared.config`).
+
+    `data` lets a caller that trains many times (tuning) load the training batches once.
+    """
+    if data is None:
+        data = load_training_set(config.data_dir, config.download, config.skip_bad_images)
+    splits = make_splits(data, config.val_fraction, config.seed, config.max_train_images)
+    config = scaled_to_data(config, len(splits.train))
+    device = select_device()
+    on_cuda = device.type == "cuda"
+    torch.manual_seed(config.seed)
+    model = build_model(
+        config.model,
+        config.options,
+        pretrained=config.pretrained,
+        weights_path=config.weights_path,
+        num_classes=len(data.class_names),
+    ).to(device)
+    if on_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    augmentation = Augmentation(config.crop_padding, config.flip, config.cutout)
+    common = {"mean": splits.mean, "std": splits.std, "device": device, "channels_last": on_cuda}
+    train_batches = DeviceBatches(
+        splits.train.images,
+        splits.train.labels,
+        batch_size=config.batch_size,
+        train=True,
+        augmentation=augmentation,
+        seed=config.seed,
+        **common,
+    )
+    val_batches = DeviceBatches(
+        splits.val.images, splits.val.labels, batch_size=config.eval_batch_size, **common
+    )
+    return Prepared(config, splits, model, train_batches, val_batches, device, data)

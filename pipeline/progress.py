@@ -1,0 +1,111 @@
+"""What a person reads while a model trains: the start line with a CPU estimate, one line per
+epoch (readable on a terminal and in a log file alike), and durations."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.config import MIN_STEPS_PER_EPOCH, TrainConfig
+from pipeline.loader import DeviceBatches
+from pipeline.prepare import Prepared
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class EpochProgress:
+    """An epoch bar with the total and an ETA on a terminal, and one plain line per epoch that reads
+    the same in a redirected log (CI, nohup, a cluster job)."""
+
+    def __init__(self, total_epochs: int, first_epoch: int = 0) -> None:
+        self.total, self.first = total_epochs, first_epoch
+        self.bar = tqdm(
+            total=total_epochs,
+            initial=first_epoch,
+            unit="epoch",
+            file=sys.stderr,
+            disable=not sys.stderr.isatty(),
+        )
+
+    def __call__(self, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        done = epoch + 1
+        per_epoch = metrics["elapsed_seconds"] / max(1, done - self.first)
+        self.write(
+            f"epoch {done}/{self.total}  train_loss {metrics['train_loss']:.4f}  "
+            f"val_accuracy {metrics['val_accuracy']:.4f}  {metrics['epoch_seconds']:.1f} s  "
+            f"ETA {format_duration(per_epoch * (self.total - done))}",
+        )
+        self.bar.update(1)
+
+    def write(self, line: str) -> None:
+        """A line above the bar on a terminal, a plain line in a log."""
+        tqdm.write(line, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def seconds_per_image(model: nn.Module, batches: DeviceBatches) -> tuple[float, float]:
+    """A training step and a validation forward pass of a copy of `model` on up to 128 images,
+    each timed after one warm-up: enough to tell minutes from hours (smaller batches cost more per
+    image). Returns (training, validation) seconds per image."""
+    probe = copy.deepcopy(model).train()
+    images, labels = next(iter(batches))
+    images, labels = images[:128], labels[:128]
+    for _ in range(2):
+        started = time.perf_counter()
+        nn.functional.cross_entropy(probe(images), labels).backward()
+    training = (time.perf_counter() - started) / len(labels)
+    probe.eval()
+    with torch.no_grad():
+        for _ in range(2):
+            started = time.perf_counter()
+            probe(images)
+    return training, (time.perf_counter() - started) / len(labels)
+
+
+def recipe_note(config: TrainConfig, recipe: TrainConfig, train_images: int) -> str:
+    """Batch size and learning rate, and where they come from when scaled to the data."""
+    if (config.batch_size, config.lr) == (recipe.batch_size, recipe.lr):
+        return f"batch {config.batch_size}, lr {config.lr:.3g}"
+    return (
+        f"batch {config.batch_size}, lr {config.lr:.3g} (the recipe's {recipe.batch_size} and "
+        f"{recipe.lr:.3g} scaled to {train_images:,} images: at least {MIN_STEPS_PER_EPOCH} steps "
+        "an epoch)"
+    )
+
+
+def announce_training(prepared: Prepared, recipe: TrainConfig, first_epoch: int) -> None:
+    """The line before training: what runs where, with which batch and learning rate, and on a CPU
+    how long it will take (training and validation)."""
+    config = prepared.config
+    epochs = config.epochs - first_epoch
+    train_images, val_images = len(prepared.splits.train), len(prepared.splits.val)
+    line = (
+        f"training {config.model} on {prepared.device}: {train_images:,} images "
+        f"({val_images:,} for validation), {epochs} epoch{'s' * (epochs != 1)}, "
+        f"{recipe_note(config, recipe, train_images)}"
+    )
+    if prepared.device.type != "cpu":
+        print(f"{line}; the first epoch gives the ETA", file=sys.stderr, flush=True)
+        return
+    training, validation = seconds_per_image(prepared.model, prepared.train_batches)
+    estimate = epochs * (training * prepared.train_batches.num_images + validation * val_images)
+    print(f"{line}; about {format_duration(estimate)}", file=sys.stderr, flush=True)
+    if estimate > 3600:
+        print(
+            "warning: that is over an hour on the CPU. Use a GPU, -P model=cnn, or fewer "
+            "-P epochs (or -P max_train_images) to try things out.",
+            file=sys.stderr,
+            flush=True,
+        )
