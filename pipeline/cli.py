@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import importlib
 import os
 import sys
@@ -16,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeline.config import (
+    OPTION_HELP,
     EvaluateConfig,
     PredictConfig,
     PreprocessConfig,
@@ -24,6 +26,9 @@ from pipeline.config import (
     TrainConfig,
     TuneConfig,
     build_config,
+    config_to_params,
+    model_defaults_path,
+    read_yaml,
     resolve_train_config,
 )
 from pipeline.errors import PipelineError
@@ -52,9 +57,67 @@ def given(value: str) -> str | None:
     return value if value != "" else None
 
 
-def add_options(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+STAGE_HELP = {
+    "preprocess": "check the data (unusable files, class counts), statistics and plots",
+    "train": "train one model; a tracked run that ends with a logged, servable model",
+    "evaluate": "score a logged model on a test split: metrics, plots, Grad-CAM",
+    "tune": "an Optuna study over experiments/search_spaces/<model>.yaml",
+    "promote": "register the best ResNet and move the champion alias, if it earns it",
+    "serve": "MLflow's scoring app behind limits, a token and /metrics",
+    "predict": "score a folder, archive or glob of unlabelled images into a .csv/.parquet table",
+    "main": "preprocess -> train -> evaluate -> promote, reusing finished steps",
+}
+
+
+def option_defaults(stage: str) -> dict[str, str]:
+    """What each option is when not given, as --help shows it."""
+    if stage in ("train", "main"):
+        recipe = {k: str(v) for k, v in config_to_params(resolve_train_config({})).items()}
+        return recipe | {k: str(v) for k, v in MAIN_EXTRA.items()}
+    defaults = {}
+    for f in dataclasses.fields(CONFIGS[stage]):
+        value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        defaults[f.name] = "required" if value in ("", dataclasses.MISSING) else str(value)
+    return defaults
+
+
+def add_options(parser: argparse.ArgumentParser, stage: str, names: Sequence[str]) -> None:
+    defaults = option_defaults(stage)
+    recipe_keys = set(read_yaml(model_defaults_path(TrainConfig.model))) - {"model"}
     for name in names:
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=given)
+        default = defaults.get(name)
+        shown = "" if default in (None, "", "None") else f" (default: {default})"
+        if default == "required":
+            shown = " (required)"
+        elif stage in ("train", "main") and name in recipe_keys:
+            shown = f" (cnn's recipe: {default}; each model's in experiments/<model>.yaml)"
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=given,
+            metavar="VALUE",
+            help=OPTION_HELP.get(name, "") + shown,
+        )
+
+
+def unknown_option_message(stage: str, unknown: list[str]) -> str:
+    """One line for options the stage does not take, with the nearest names."""
+    names = [
+        n.replace("_", "-") for n in (MAIN_OPTIONS if stage == "main" else stage_options(stage))
+    ]
+    parts = []
+    for token in (t for t in unknown if t.startswith("--")):
+        name = token[2:].split("=", 1)[0].replace("_", "-")
+        close = difflib.get_close_matches(name, names, n=2, cutoff=0.6)
+        parts.append(
+            f"--{name}"
+            + (f" (did you mean {' or '.join('--' + c for c in close)}?)" if close else "")
+        )
+    listed = ", ".join(parts) or " ".join(unknown)
+    return (
+        f"{stage} does not take {listed}. `cifar10 {stage} --help` lists its options (with "
+        "mlflow run: -P name=value, the same names)."
+    )
 
 
 def stage_options(stage: str) -> list[str]:
@@ -68,10 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cifar10", description=__doc__)
     stages = parser.add_subparsers(dest="stage", required=True)
     for stage in CONFIGS:
-        add_options(stages.add_parser(stage), stage_options(stage))
-    add_options(
-        stages.add_parser("main", help="preprocess -> train -> evaluate -> promote"), MAIN_OPTIONS
-    )
+        sub = stages.add_parser(stage, help=STAGE_HELP[stage], description=STAGE_HELP[stage])
+        add_options(sub, stage, stage_options(stage))
+    main_parser = stages.add_parser("main", help=STAGE_HELP["main"], description=STAGE_HELP["main"])
+    add_options(main_parser, "main", MAIN_OPTIONS)
     return parser
 
 
@@ -118,7 +181,10 @@ HTTP_RETRY_DEFAULTS = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        print(f"error: {unknown_option_message(args.stage, unknown)}", file=sys.stderr)
+        sys.exit(2)
     for name, value in HTTP_RETRY_DEFAULTS.items():
         os.environ.setdefault(name, value)
     if not sys.stderr.isatty():

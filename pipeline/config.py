@@ -31,7 +31,7 @@ class PreprocessConfig:
     data_dir: str = "data"
     val_fraction: float = 0.1
     seed: int = 0
-    download: bool = True
+    download: bool | None = None  # None: only the default data_dir downloads CIFAR-10
     skip_bad_images: bool = False
     experiment_name: str | None = None
 
@@ -46,7 +46,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     seed: int = 0
     max_train_images: int = 0
-    download: bool = True
+    download: bool | None = None  # None: only the default data_dir downloads CIFAR-10
     skip_bad_images: bool = False
     epochs: int = 20
     batch_size: int = 128
@@ -101,7 +101,7 @@ class EvaluateConfig:
     batch_size: int = 500
     tta: bool = False
     gradcam_per_class: int = 2
-    download: bool = True
+    download: bool | None = None  # None: only the default data_dir downloads CIFAR-10
     skip_bad_images: bool = False
     experiment_name: str | None = None
 
@@ -376,3 +376,88 @@ def config_to_params(config: Any) -> dict[str, Any]:
 
 def dump_yaml(values: Mapping[str, Any]) -> str:
     return yaml.safe_dump(dict(values), sort_keys=False)
+
+
+# What each option means, for `--help` (one text per name; the same name means the same thing in
+# every stage). The defaults come from the dataclasses above (and for train from the model's YAML).
+OPTION_HELP = {
+    "model": "architecture: cnn, resnet18, resnet18_pretrained, vgg16_transfer, vgg16_finetune",
+    "data_dir": "image-folder tree, archive of one, official CIFAR-10 batches, or 'synthetic'; "
+    "only the default 'data' downloads CIFAR-10",
+    "val_fraction": "share of the training images held out (stratified) for validation",
+    "seed": "seed of the validation split, the initialization and the augmentation",
+    "max_train_images": "train on at most this many of the training split's images (class "
+    "balance kept; 0 = all); validation is never capped",
+    "download": "download CIFAR-10 into data_dir when absent (default: only for 'data')",
+    "skip_bad_images": "skip unreadable files instead of stopping (they are logged)",
+    "epochs": "passes over the training split",
+    "batch_size": "images per training step (train; scaled to small sets when it comes from the "
+    "recipe) or per scoring chunk (evaluate, predict)",
+    "eval_batch_size": "images per validation forward pass",
+    "optimizer": "adamw or sgd (Nesterov)",
+    "lr": "peak learning rate (scaled with a recipe batch size that was scaled)",
+    "momentum": "SGD momentum",
+    "weight_decay": "decoupled (AdamW) or L2 (SGD) weight decay",
+    "schedule": "onecycle, cosine or constant",
+    "warmup_fraction": "share of the steps spent warming the learning rate up",
+    "label_smoothing": "cross-entropy label smoothing",
+    "crop_padding": "pixels of padding for random crops (0 = no crops)",
+    "flip": "random horizontal flips",
+    "cutout": "side of a random square blanked in each image (0 = off)",
+    "patience": "stop after this many epochs without a better validation accuracy (0 = never)",
+    "pretrained": "start from ImageNet weights (resnet18_pretrained, vgg16_*)",
+    "weights_path": "a local file of ImageNet weights, instead of torchvision's download",
+    "freeze_epochs": "vgg16_finetune: epochs with frozen features before unfreezing",
+    "finetune_lr_factor": "vgg16_finetune: learning-rate factor once unfrozen",
+    "compile": "torch.compile the model (CUDA)",
+    "checkpoint_seconds": "write a resume checkpoint at most this often (and after the last epoch)",
+    "keep_checkpoints": "keep the resume checkpoints of a finished run (they are deleted otherwise)",
+    "stop_if_not_learning": "stop a run the watchdog finds at chance after 3 epochs or diverging",
+    "resume_run_id": "continue this killed or failed train run where it stopped",
+    "config": "a YAML file of train parameters (e.g. tune's best_config.yaml) over the model's",
+    "width": "cnn: channels of the first conv block (then 2x, 4x)",
+    "hidden_units": "cnn: width of the hidden fully connected layer",
+    "dropout": "dropout before the classifier layers (cnn, vgg16_*)",
+    "batch_norm": "cnn: batch norm after each convolution",
+    "convs_per_block": "cnn: 3x3 convolutions per block",
+    "model_uri": "an MLflow model URI: runs:/<run_id>/model, models:/m-<id>, "
+    "models:/cifar10-resnet@champion",
+    "tta": "average with the mirrored image (flip test-time augmentation)",
+    "gradcam_per_class": "Grad-CAM overlays per class (0 = none)",
+    "n_trials": "trials to finish in this study (all workers together)",
+    "storage": "Optuna storage URL (default: optuna.db beside the tracking store)",
+    "study_name": "the study to create or resume (default: <model>-tune)",
+    "sampler_seed": "TPE seed of this worker (default: seed)",
+    "startup_trials": "random trials before TPE takes over",
+    "n_jobs": "trials in threads of this process (prefer more processes on a CPU)",
+    "pruner": "median, hyperband or none",
+    "prune_after_epochs": "judge no trial before this epoch (default: 3/4 of epochs)",
+    "search_space": "a YAML search space (default: experiments/search_spaces/<model>.yaml)",
+    "timeout_seconds": "stop starting trials after this many seconds",
+    "heartbeat_seconds": "Optuna heartbeat; a worker silent for 3 beats has its trial retried",
+    "model_name": "the registered model",
+    "metric": "the validation metric candidates are ranked by",
+    "candidate_experiment": "look for candidates in this experiment instead",
+    "architectures": "comma-separated architectures that may be promoted",
+    "min_delta": "a challenger must beat the champion by at least this accuracy",
+    "min_accuracy": "a first champion needs at least this validation accuracy",
+    "alpha": "significance level of the promotion tests",
+    "force": "promote the best candidate without the gates",
+    "rollback": "swap the champion and previous aliases back",
+    "host": "address to listen on (beyond loopback a token is required)",
+    "port": "TCP port to listen on",
+    "workers": "uvicorn worker processes",
+    "token_file": "file holding the bearer token (or set CIFAR10_SERVE_TOKEN)",
+    "allow_unauthenticated": "serve a public address without a token",
+    "max_body_mb": "largest request body accepted",
+    "max_json_depth": "deepest JSON nesting accepted",
+    "timeout_s": "seconds a request may take",
+    "max_batch_images": "micro-batching: most images in one forward pass (1 = off)",
+    "batch_wait_ms": "micro-batching: longest wait for requests already decoding",
+    "input": "folder (recursive), archive or glob of images to score",
+    "output": "the table to write: a .csv or .parquet file",
+    "engine": "local or spark",
+    "spark_master": "Spark master URL (local[*], spark://host:7077)",
+    "force_rerun": "run every step again instead of reusing finished ones",
+    "experiment_name": "the MLflow experiment (default: cifar10)",
+}

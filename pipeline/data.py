@@ -35,10 +35,12 @@ from pipeline.image_folder import (
     is_archive,
     looks_like_image_folder,
     read_image_folder,
+    say,
 )
 from pipeline.imaging import IMAGE_SHAPE, ImageSet
 
 SYNTHETIC = "synthetic"
+DEFAULT_DATA_DIR = "data"
 SYNTHETIC_SIZES = {"train": 3000, "test": 1000}
 SHOWN_PROBLEMS = 5
 
@@ -76,14 +78,30 @@ def is_image_folder(path: Path) -> bool:
     return is_archive(path) or (find_batch_dir(path) is None and looks_like_image_folder(path))
 
 
-def read_split(data_dir: str | Path, split: str, download: bool) -> ImageSet | None:
+def may_download(data_dir: str | Path, download: bool | None) -> bool:
+    """Only the default `data` folder downloads CIFAR-10 unless told: a mistyped path must say it
+    does not exist, not fill itself with CIFAR-10 in place of the user's images."""
+    if download is not None:
+        return download
+    return Path(data_dir).resolve() == Path(DEFAULT_DATA_DIR).resolve()
+
+
+def read_split(data_dir: str | Path, split: str, download: bool | None) -> ImageSet | None:
     """The one place that maps `data_dir` to a reader; None when the source has no such split."""
     if str(data_dir) == SYNTHETIC:
         return make_synthetic(SYNTHETIC_SIZES[split], seed=0 if split == "train" else 1)
     path = Path(data_dir)
+    allowed = may_download(path, download)
+    if not path.exists() and not allowed:
+        raise DataUnavailableError(
+            f"data_dir {path} does not exist (looked in {path.resolve()}). Check the path and pass "
+            "-P data_dir=... with a folder of class folders, an archive of one, or the official "
+            "CIFAR-10 batches. Nothing was created or downloaded: only the default data_dir "
+            f"'{DEFAULT_DATA_DIR}' (or -P download=true) downloads CIFAR-10."
+        )
     if is_image_folder(path):
         return read_image_folder(path, split)
-    batch_dir = locate_batches(path, download)
+    batch_dir = locate_batches(path, allowed)
     names = TRAIN_BATCHES if split == "train" else (TEST_BATCH,)
     if not any((batch_dir / name).is_file() for name in names):
         return None
@@ -115,11 +133,16 @@ def checked(data: ImageSet, skip_bad_images: bool) -> ImageSet:
             f"{data.source}: {len(data.class_names)} class(es) with images "
             f"{list(data.class_names)}; a classifier needs at least 2 class folders."
         )
+    if data.problems:
+        say(
+            f"skipped {problem_summary(data.problems)} (skip_bad_images=true; the run lists them "
+            "in skipped_files.json)"
+        )
     return data
 
 
 def load_training_set(
-    data_dir: str | Path, download: bool = True, skip_bad_images: bool = False
+    data_dir: str | Path, download: bool | None = None, skip_bad_images: bool = False
 ) -> ImageSet:
     data = read_split(data_dir, "train", download)
     if data is None or not (len(data) or data.problems):
@@ -131,7 +154,7 @@ def load_training_set(
 
 
 def load_test_set(
-    data_dir: str | Path, download: bool = True, skip_bad_images: bool = False
+    data_dir: str | Path, download: bool | None = None, skip_bad_images: bool = False
 ) -> ImageSet:
     """The held-out test split only (`test_batch` or `test/<class>/`); training never calls this."""
     test = read_split(data_dir, "test", download)

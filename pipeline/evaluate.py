@@ -33,6 +33,7 @@ from pipeline.imaging import ImageSet
 from pipeline.loader import normalize
 from pipeline.models import gradcam_target_layer
 from pipeline.tracking import (
+    describe_run,
     load_logged_model,
     log_dataset,
     log_figure,
@@ -41,6 +42,7 @@ from pipeline.tracking import (
     log_resolved_params,
     print_summary,
     rebuild_splits,
+    source_name,
     split_changed,
     stage_run,
 )
@@ -232,7 +234,8 @@ class EvaluateResult:
 def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     """The `evaluate` entry point. The test metrics are also written back to the training run, but only
     when they come from the test split of the data that run was trained on."""
-    with stage_run(config.experiment_name, "evaluate-tta" if config.tta else "evaluate") as run:
+    name = "evaluate-tta" if config.tta else "evaluate"
+    with stage_run(config.experiment_name, f"{name} · {source_name(config.data_dir)}") as run:
         log_resolved_params(config_to_params(config))
         model = load_logged_model(config.model_uri)
         test = load_test_set(config.data_dir, config.download, config.skip_bad_images)
@@ -302,6 +305,10 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
                     for k, v in metrics.items()
                 ],
             )
+        describe_run(
+            f"test_accuracy {metrics['test_accuracy']:.4f} on {len(test):,} images of "
+            f"{test.name} ({meta.get('architecture', 'model')} {config.model_uri})"
+        )
         print_summary(
             "evaluate",
             {

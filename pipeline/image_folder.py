@@ -13,8 +13,10 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -160,16 +162,32 @@ def atomic_save(path: Path, **arrays: np.ndarray) -> None:
     os.replace(f.name, path)
 
 
+def say(line: str) -> None:
+    """What happened to the data, one line on stderr (a terminal and a log file alike)."""
+    print(f"data: {line}", file=sys.stderr, flush=True)
+
+
 def cached_split(listing: Listing) -> DecodedSplit:
     """`decode_split`, from the cache when the listing's key matches."""
     path = cache_root() / "decoded" / f"{listing.key()}.npz"
+    started = time.perf_counter()
     if path.is_file():
         with np.load(path) as stored:
             meta = json.loads(str(stored["meta"]))
-            return DecodedSplit(stored["images"], meta["class_of"], meta["paths"], meta["bad"])
+            decoded = DecodedSplit(stored["images"], meta["class_of"], meta["paths"], meta["bad"])
+        say(
+            f"read {len(decoded.paths):,} decoded images of {listing.root} from the cache "
+            f"({time.perf_counter() - started:.1f} s)"
+        )
+        return decoded
     decoded = decode_split(listing)
     meta = {"class_of": decoded.class_of, "paths": decoded.paths, "bad": decoded.bad}
     atomic_save(path, images=decoded.images, meta=np.array(json.dumps(meta)))
+    say(
+        f"decoded {len(listing.files):,} files of {listing.root} in "
+        f"{time.perf_counter() - started:.1f} s; cached for next time "
+        f"({path.stat().st_size / 2**20:,.0f} MB in {path.parent}; {CACHE_ENV} moves it)"
+    )
     return decoded
 
 
@@ -274,7 +292,12 @@ def unpacked_archive(archive: Path) -> Path:
     target = cache_root() / "archives" / f"{archive.name}-{key}"
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
         unpack(archive, target)
+        say(
+            f"unpacked {archive} ({stat.st_size / 2**20:,.1f} MB) into the cache in "
+            f"{time.perf_counter() - started:.1f} s ({target})"
+        )
     return target
 
 

@@ -29,6 +29,7 @@ from pipeline.tracking import (
     log_lineage,
     log_resolved_params,
     print_summary,
+    source_name,
     stage_run,
 )
 
@@ -242,7 +243,9 @@ class PredictResult:
 def run_predict(config: PredictConfig) -> PredictResult:
     """The `predict` entry point: one tracked run, one row per input file."""
     output = Path(config.output).expanduser().resolve()
-    with stage_run(config.experiment_name, f"predict-{config.engine}") as run:
+    with stage_run(
+        config.experiment_name, f"predict-{config.engine} · {source_name(config.input)}"
+    ) as run:
         log_resolved_params(config_to_params(config))
         log_lineage({}, config_to_params(config))
         started = time.perf_counter()

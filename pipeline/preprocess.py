@@ -27,6 +27,7 @@ from pipeline.tracking import (
     log_lineage,
     log_resolved_params,
     print_summary,
+    source_name,
     stage_run,
 )
 
@@ -110,7 +111,7 @@ class PreprocessResult:
 def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
     """The `preprocess` entry point. Unusable files are logged first, then fail the run unless
     `skip_bad_images`."""
-    with stage_run(config.experiment_name, "preprocess") as run:
+    with stage_run(config.experiment_name, f"preprocess · {source_name(config.data_dir)}") as run:
         log_resolved_params(config_to_params(config))
         data, test, problems = read_sets(config)
         names = data.class_names

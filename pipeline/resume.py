@@ -28,8 +28,9 @@ LEGACY_CHECKPOINT = "checkpoints/last.pt"  # written by versions before the slot
 def mlflow_epoch_logger(
     logged_epochs: frozenset[int] = frozenset(), next_slot: int = 0
 ) -> EpochCallback:
-    """The MLflow side of an epoch: its metrics (step = epoch) and the checkpoint just written, into
-    the checkpoint slot not written last (starting at `next_slot`).
+    """The MLflow side of an epoch: its metrics (step = the epoch's number, counted from 1 as the
+    console counts) and the checkpoint just written, into the checkpoint slot not written last
+    (starting at `next_slot`).
 
     A resumed run repeats the epochs after its last checkpoint, with the same results (training is
     seeded per epoch); `logged_epochs` are not logged again, so each metric stays one series.
@@ -37,8 +38,8 @@ def mlflow_epoch_logger(
     slot = [next_slot]
 
     def log_epoch(epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
-        if epoch not in logged_epochs:
-            mlflow.log_metrics(metrics, step=epoch)
+        if epoch + 1 not in logged_epochs:
+            mlflow.log_metrics(metrics, step=epoch + 1)
         if checkpoint is not None:
             mlflow.log_artifact(str(checkpoint), CHECKPOINT_SLOTS[slot[0]])
             slot[0] = 1 - slot[0]
@@ -125,5 +126,6 @@ def load_resume_checkpoint(run_id: str, scratch: Path) -> tuple[dict[str, Any] |
 
 
 def logged_epochs(run_id: str) -> frozenset[int]:
+    """The numbers (from 1) of the epochs whose metrics the run already logged."""
     history = mlflow.MlflowClient().get_metric_history(run_id, "val_accuracy")
     return frozenset(m.step for m in history)

@@ -137,7 +137,8 @@ def stage_run(
     ) as run:
         end_orphaned_runs(run.info.experiment_id, run.info.run_id)
         mlflow.set_tags(process_tags())
-        if not run_id:  # a resumed run keeps the code it was started with on record
+        if not run_id:  # a resumed run keeps its name and the code it was started with on record
+            mlflow.set_tag("mlflow.runName", run_name)  # `mlflow run` names its runs at random
             commit, dirty = code_state()
             mlflow.set_tags(
                 {"git_commit": commit, CODE_TAG: code_identity(), DIRTY_TAG: str(bool(dirty))}
@@ -227,6 +228,16 @@ def print_summary(
     lines += [f"  {name}: {value}" for name, value in facts.items()]
     lines += [f"  artifacts: {run.info.artifact_uri}", f"  next: {next_command}"]
     print("\n".join(lines), flush=True)
+
+
+def source_name(source: str) -> str:
+    """How a data source reads in a run name: its last path component."""
+    return Path(source).name or source
+
+
+def describe_run(text: str) -> None:
+    """The run's description: the first line of its page in the UI."""
+    mlflow.set_tag("mlflow.note.content", text)
 
 
 def log_json(values: Any, artifact_file: str) -> None:

@@ -24,12 +24,14 @@ from pipeline.resume import (
     stored_config,
 )
 from pipeline.tracking import (
+    describe_run,
     log_dataset,
     log_json,
     log_lineage,
     log_resolved_params,
     print_summary,
     scratch_dir,
+    source_name,
     stage_run,
 )
 
@@ -97,7 +99,7 @@ class TrainResult:
     run_id: str
     model_uri: str
     best_val_accuracy: float
-    best_epoch: int
+    best_epoch: int  # counted from 1
     epochs_run: int
 
 
@@ -124,6 +126,12 @@ def run_train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> T
             )
         else:
             log_training_inputs(prepared, config)
+            used = prepared.config
+            mlflow.set_tag(
+                "mlflow.runName",
+                f"{used.model} · {source_name(prepared.data.source)} · lr {used.lr:.3g} · "
+                f"{used.epochs} epochs",
+            )
         first_epoch = resume_from["fit_state"]["next_epoch"] if resume_from else 0
         announce_training(prepared, config, first_epoch)
         progress = EpochProgress(config.epochs, first_epoch)
@@ -163,7 +171,7 @@ def run_train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> T
         mlflow.log_metrics(
             {
                 "best_val_accuracy": state.best_val_accuracy,
-                "best_epoch": state.best_epoch,
+                "best_epoch": state.best_epoch + 1,
                 "epochs_run": state.next_epoch,
                 "final_train_loss": final["train_loss"],
                 "final_val_accuracy": final["val_accuracy"],
@@ -187,6 +195,11 @@ def run_train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> T
             else f"mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}   "
             f"(no test split in {config.data_dir} to evaluate on)"
         )
+        verdict = training_verdict(state, prepared)
+        describe_run(
+            f"best val_accuracy {state.best_val_accuracy:.4f} at epoch {state.best_epoch + 1} of "
+            f"{state.next_epoch}" + ("" if verdict == "finished" else f"; {verdict}")
+        )
         print_summary(
             "train",
             {
@@ -198,8 +211,12 @@ def run_train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> T
             }
             | ({"watchdog": state.problem} if state.problem else {}),
             next_command,
-            verdict=training_verdict(state, prepared),
+            verdict=verdict,
         )
     return TrainResult(
-        run.info.run_id, info.model_uri, state.best_val_accuracy, state.best_epoch, state.next_epoch
+        run.info.run_id,
+        info.model_uri,
+        state.best_val_accuracy,
+        state.best_epoch + 1,
+        state.next_epoch,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +48,8 @@ from pipeline.lineage import (
     identity_config,
     logged_identity,
 )
-from pipeline.tracking import print_summary, stage_run
+from pipeline.progress import format_duration
+from pipeline.tracking import print_summary, source_name, stage_run
 
 INPUTS_TAG = "main.inputs"
 PREPROCESS_KEYS = ("data_dir", "val_fraction", "seed", "download", "skip_bad_images")
@@ -207,7 +209,8 @@ def run_main(options: dict[str, Any]) -> dict[str, str]:
     config = resolve_train_config(options)
     source = config.data_dir
     steps: dict[str, str] = {}
-    with stage_run(experiment_name, "main") as run:
+    started = time.perf_counter()
+    with stage_run(experiment_name, f"main · {config.model} · {source_name(source)}") as run:
         experiment_id = run.info.experiment_id
         preprocess_params = {k: v for k, v in options.items() if k in PREPROCESS_KEYS}
         preprocess_config = build_config(PreprocessConfig, preprocess_params)
@@ -280,7 +283,8 @@ def run_main(options: dict[str, Any]) -> dict[str, str]:
             {
                 "steps": ", ".join(f"{name} {run_id}" for name, run_id in steps.items()),
                 "model": model_uri,
-                "promote": f"{decision}: {promote.data.tags.get('decision_reason', '')}",
+                "promotion": f"{decision}: {promote.data.tags.get('decision_reason', '')}",
+                "time": format_duration(time.perf_counter() - started),
             },
             "cifar10 serve --model-uri models:/cifar10-resnet@champion --port 5001"
             if decision in ("promote", "force")

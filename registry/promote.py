@@ -313,7 +313,8 @@ def no_candidate_reason(
     finished = client.search_runs(
         [experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=1000
     )
-    trained = [r for r in finished if "model_uri" in r.data.tags]
+    # training runs: a logged model and an architecture (evaluate runs name a model_uri too)
+    trained = [r for r in finished if {"model_uri", "architecture"} <= set(r.data.tags)]
     found = sorted({r.data.tags.get("architecture", "?") for r in trained})
     return (
         f"no candidate: looked for finished runs of {config.architectures} with a logged model "

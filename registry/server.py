@@ -8,11 +8,14 @@ import ipaddress
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+import psutil
 
 from pipeline.config import ConfigError, ServeConfig
 
@@ -76,6 +79,34 @@ def check_exposure(config: ServeConfig, token: str | None) -> None:
     )
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a port already taken, before seconds of loading the model, naming who holds it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+            return
+        except OSError as error:
+            problem = error.strerror or str(error)
+    holders = []
+    try:
+        for connection in psutil.net_connections(kind="inet"):
+            listening = connection.status == psutil.CONN_LISTEN and connection.pid
+            if listening and connection.laddr and connection.laddr.port == port:
+                process = psutil.Process(connection.pid)
+                holders.append(f"pid {connection.pid} ({' '.join(process.cmdline())[:80]})")
+    except (psutil.Error, OSError):
+        pass
+    who = (
+        f"in use by {', '.join(sorted(set(holders)))}" if holders else f"not available ({problem})"
+    )
+    raise ConfigError(
+        f"port {port} on {host} is {who}. Pass another port (-P port={port + 1}, or --port "
+        f"{port + 1}), or stop what holds it."
+    )
+
+
 def local_model(model_uri: str) -> str:
     """Download the model once, before any worker starts (each would otherwise fetch it)."""
     import mlflow
@@ -96,6 +127,7 @@ def run_serve(config: ServeConfig) -> None:
 
     token = read_token(config)
     check_exposure(config, token)
+    check_port(config.host, config.port)
     os.environ[SETTINGS_ENV] = json.dumps(
         {
             "model_path": local_model(config.model_uri),

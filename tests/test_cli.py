@@ -9,7 +9,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import write_cifar_dir
+from pipeline.cli import CONFIGS, MAIN_OPTIONS, stage_options
+from pipeline.config import OPTION_HELP
+from tests.conftest import write_cifar_dir, write_image_tree
 
 
 def run_cli(tmp_path: Path, *args: str, check: bool = True) -> str:
@@ -45,6 +47,14 @@ def test_redirected_train_prints_a_plan_one_line_per_epoch_and_a_summary(trackin
     assert "model: models:/" in output  # MLflow 3 gives a logged model its own id
     assert "next: mlflow run . -e evaluate --env-manager local -P model_uri=models:/" in output
     assert "Warning" not in output and "warning" not in output.lower()
+    # the run table tells runs apart, and the description carries the key number
+    assert re.fullmatch(r"cnn · synthetic · lr [\d.e-]+ · 3 epochs", run["tags.mlflow.runName"])
+    assert run["tags.mlflow.note.content"].startswith("best val_accuracy ")
+    # one numbering of epochs: the console's, best_epoch's and the charts' steps
+    best = int(re.search(r"best val_accuracy: [\d.]+ at epoch (\d) of 3", output).group(1))
+    assert run["metrics.best_epoch"] == best
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run.run_id, "val_accuracy")]
+    assert sorted(steps) == [1, 2, 3]
 
 
 def test_cpu_estimate_over_an_hour_warns_with_what_to_do(tracking, tmp_path):
@@ -68,6 +78,10 @@ def test_main_names_the_skipped_evaluate_and_how_to_add_a_test_split(tracking, t
     assert "main: evaluate: skipped: " in output and "has no test split" in output
     assert "Add the official test_batch" in output
     assert "main finished: run" in output
+    assert "  promotion: none: no candidate" in output and "promote: promote" not in output
+    assert re.search(r"^  time: \d+m\d\ds$", output, re.M)
+    # promote counts training runs only (evaluate runs name a model too)
+    assert "found 1 finished training run(s) of ['cnn']" in output
     again = run_cli(
         tmp_path,
         *("main", "--data-dir", str(data), "--model", "cnn", "--epochs", "1", "--width", "8"),
@@ -106,3 +120,38 @@ def test_runs_go_to_the_project_experiment_unless_one_is_chosen(tracking, tmp_pa
     experiment = mlflow.get_experiment_by_name("cifar10")
     assert experiment is not None
     assert len(mlflow.search_runs([experiment.experiment_id])) >= 1
+
+
+def test_help_describes_every_option_with_its_default(tmp_path):
+    output = " ".join(run_cli(tmp_path, "train", "--help").split())  # as wrapped for any width
+    assert "--max-train-images VALUE" in output and "validation is never capped" in output
+    assert "(cnn's recipe: 256; each model's in experiments/<model>.yaml)" in output
+    for stage in [*CONFIGS, "main"]:
+        names = MAIN_OPTIONS if stage == "main" else stage_options(stage)
+        assert set(names) <= set(OPTION_HELP), f"{stage}: options without a description"
+    assert "(required)" in run_cli(tmp_path, "predict", "--help")
+
+
+def test_a_misspelt_option_gets_the_nearest_name(tmp_path):
+    output = run_cli(tmp_path, "train", "--modle", "cnn", "--epohcs", "3", check=False)
+    assert output.strip() == (
+        "error: train does not take --modle (did you mean --model?), --epohcs (did you mean "
+        "--epochs?). `cifar10 train --help` lists its options (with mlflow run: -P name=value, "
+        "the same names)."
+    )
+
+
+def test_what_happens_to_the_data_is_one_line_each(tracking, tmp_path):
+    tree = write_image_tree(tmp_path / "pets", per_class=20)
+    (tree / "train" / "dog" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    train = ("train", "--data-dir", str(tree), "--epochs", "1", "--width", "8")
+    options = ("--skip-bad-images", "true", "--experiment-name", tracking)
+    first = run_cli(tmp_path, *train, *options)
+    assert re.search(
+        rf"^data: decoded 61 files of {tree / 'train'} in [\d.]+ s; cached", first, re.M
+    )
+    assert "data: skipped 1 unusable: dog/truncated.jpg (unreadable" in first
+    assert "the run lists them in skipped_files.json" in first
+    again = run_cli(tmp_path, *train, *options)
+    assert f"data: read 60 decoded images of {tree / 'train'} from the cache" in again
+    assert "data: decoded" not in again

@@ -1,9 +1,11 @@
 import http.server
 import io
+import os
 import subprocess
 import sys
 import tarfile
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,7 +68,7 @@ def test_corrupt_batch_names_the_file(tmp_path):
 def test_offline_error_names_directory_url_and_both_fixes(tmp_path, monkeypatch):
     monkeypatch.setattr(cifar_batches, "CIFAR10_URL", UNREACHABLE_URL)
     with pytest.raises(DataUnavailableError) as error:
-        load_training_set(tmp_path / "nowhere")
+        load_training_set(tmp_path / "nowhere", download=True)
     message = str(error.value)
     assert str((tmp_path / "nowhere").resolve()) in message
     assert UNREACHABLE_URL in message
@@ -76,10 +78,10 @@ def test_offline_error_names_directory_url_and_both_fixes(tmp_path, monkeypatch)
 def test_cli_exits_nonzero_with_message_not_traceback(tmp_path):
     script = (
         "import sys; from pipeline import cifar_batches; cifar_batches.CIFAR10_URL = sys.argv[1]; "
-        "from pipeline.cli import main; main(['preprocess', '--data-dir', sys.argv[2]])"
+        "from pipeline.cli import main; main(['preprocess'])"  # the default data_dir downloads
     )
     result = subprocess.run(
-        [sys.executable, "-c", script, UNREACHABLE_URL, str(tmp_path / "missing")],
+        [sys.executable, "-c", script, UNREACHABLE_URL],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -190,3 +192,24 @@ def test_synthetic_source_needs_no_files_and_has_a_test_set():
     assert (len(train), len(test)) == (data.SYNTHETIC_SIZES["train"], data.SYNTHETIC_SIZES["test"])
     assert train.source == "synthetic"
     assert not np.array_equal(train.images[: len(test)], test.images)
+
+
+@pytest.mark.parametrize("name", ["petz", "photos.tgz"])
+def test_a_mistyped_data_dir_is_reported_missing_and_nothing_is_created(tmp_path, name):
+    """Only the default `data` downloads: any other missing path is an error, and no folder
+    appears where the user mistyped (with internet it would have filled with CIFAR-10)."""
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    log = tmp_path / "train.log"
+    with log.open("w") as out:
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "train", "--data-dir", str(readonly / name)],
+            stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
+            env=os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                              "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )  # fmt: skip
+    printed = log.read_text()
+    assert result.returncode == 2 and "Traceback" not in printed
+    assert f"error: data_dir {readonly / name} does not exist" in printed
+    assert "only the default data_dir 'data' (or -P download=true) downloads" in printed
+    assert list(readonly.iterdir()) == []

@@ -399,3 +399,21 @@ def test_three_class_tree_trains_evaluates_and_serves_its_folder_names(tracking,
     assert [a["class_name"] for a in answers] == expected["class_name"].tolist()
     assert {a["class_name"] for a in answers} <= {"cat", "dog", "frog"}
     assert all(len(a["probabilities"]) == 3 for a in answers)
+
+
+def test_a_port_in_use_is_refused_at_once_naming_who_holds_it(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        log = tmp_path / "serve.log"
+        with log.open("w") as out:
+            code = subprocess.call(
+                [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(port),
+                 "--model-uri", "models:/does-not-matter@champion"],
+                stdout=out, stderr=subprocess.STDOUT, timeout=60, cwd=Path(__file__).parents[1],
+            )  # fmt: skip
+    printed = log.read_text()
+    assert code == 2 and "Traceback" not in printed
+    assert f"error: port {port} on 127.0.0.1 is in use by pid {os.getpid()} (" in printed
+    assert f"-P port={port + 1}" in printed and "no model at" not in printed

@@ -145,7 +145,7 @@ def test_resume_ends_with_the_weights_of_an_unbroken_run(
     restarted = "has no checkpoint yet: training it again from epoch 1"
     assert (restarted in capsys.readouterr().err) == (resumed_from == 0)
     history = mlflow.MlflowClient().get_metric_history(crashed, "val_accuracy")
-    assert sorted(m.step for m in history) == [0, 1, 2]
+    assert sorted(m.step for m in history) == [1, 2, 3]  # epochs counted from 1, as printed
     assert_same_weights(unbroken.model_uri, resumed.model_uri)
 
 
@@ -200,7 +200,7 @@ def test_early_stopping_keeps_the_best_epoch(tracking):
         dropout=0.0,
     )
     result = run_train(config)
-    assert result.epochs_run == 3 and result.best_epoch == 0
+    assert result.epochs_run == 3 and result.best_epoch == 1
     assert mlflow.get_run(result.run_id).data.metrics["stopped_early"] == 1.0
 
 
@@ -417,7 +417,7 @@ def test_a_run_killed_at_any_moment_resumes_to_the_unbroken_weights(
         "during_model_logging": resumed_from == KILL_SETTINGS["epochs"],
     }[moment], resumed.stderr[-3000:]
     history = mlflow.MlflowClient().get_metric_history(killed, "val_accuracy")
-    assert sorted(m.step for m in history) == list(range(KILL_SETTINGS["epochs"]))
+    assert sorted(m.step for m in history) == list(range(1, KILL_SETTINGS["epochs"] + 1))
     expected, actual = final_weights(unbroken_run), final_weights(killed)
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)

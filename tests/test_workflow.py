@@ -40,7 +40,7 @@ def test_main_runs_every_step_once_then_reuses_them(tracking):
     first = run_main({**TINY_MAIN, "experiment_name": tracking})
     assert set(first) == {"preprocess", "train", "evaluate", "promote"}
     runs = mlflow.search_runs(experiment_names=[tracking])
-    main_run = runs[runs["tags.mlflow.runName"] == "main"].iloc[0]
+    main_run = runs[runs["tags.mlflow.runName"].str.startswith("main · ")].iloc[0]
     children = runs[runs["tags.mlflow.parentRunId"] == main_run["run_id"]]
     assert set(children["run_id"]) == set(first.values())
     assert (children["status"] == "FINISHED").all()
@@ -78,7 +78,7 @@ def test_main_without_data_fails_at_preprocess_with_the_clear_error(tracking, tm
     with pytest.raises(StepFailedError, match="step preprocess failed.*printed above"):
         run_main({**options, "experiment_name": tracking})
     error = failed_step_error(tracking, "preprocess")
-    assert "CIFAR-10 not found in" in error and "-P data_dir=" in error
+    assert "does not exist" in error and "-P data_dir=" in error
     entry_points = mlflow.search_runs(experiment_names=[tracking])["tags.mlflow.project.entryPoint"]
     assert "train" not in set(entry_points.dropna())
 
