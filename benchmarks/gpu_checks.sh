@@ -7,8 +7,8 @@
 #     bash benchmarks/gpu_checks.sh [FULL_SET] [RECIPE ...]
 #
 # FULL_SET defaults to ../shared/data/cifar10-jpeg/train.tar.gz. Wheels in .whl/ (for a machine
-# without MLflow) are installed into /tmp/site first. GPU_CHECKS="accuracy" (or "throughput") runs
-# one part only.
+# without MLflow) are installed into /tmp/site first (airbench among them for the side by side).
+# GPU_CHECKS="airbench", "accuracy" or "throughput" runs one part only.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
@@ -38,7 +38,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch, mlflow; print('torch', torch.__version__, 'mlflow', mlflow.__version__)" \
   2>&1 | tee -a "$out/device.txt"
 
-parts=${GPU_CHECKS:-accuracy throughput}
+parts=${GPU_CHECKS:-airbench accuracy throughput}
 [[ $parts == *accuracy* ]] && echo "== time to accuracy, full training set ($data)"
 [[ $parts == *accuracy* ]] && for recipe in "${recipes[@]}"; do
   timeout 240 python3 benchmarks/time_to_accuracy.py --data-dir "$data" --recipe "$recipe" \
@@ -46,6 +46,11 @@ parts=${GPU_CHECKS:-accuracy throughput}
   echo "rc=$? $recipe"
   tail -n 1 "$out/time_to_accuracy.jsonl" 2>/dev/null | cut -c1-400
 done
+
+[[ $parts == *airbench* ]] && echo "== side by side with airbench94 on the same split"
+[[ $parts == *airbench* ]] && timeout 420 python3 benchmarks/vs_airbench.py --data-dir "$data" \
+  --output "$out/vs_airbench.jsonl" >>"$out/vs_airbench.log" 2>&1
+[[ $parts == *airbench* ]] && cat "$out/vs_airbench.jsonl" 2>/dev/null | cut -c1-400
 
 [[ $parts == *throughput* ]] && echo "== training throughput through fit() (images/s)"
 [[ $parts == *throughput* ]] && timeout 180 python3 benchmarks/train_throughput.py --images 20480 --batch-size 512 \

@@ -85,6 +85,15 @@ def summarize(run: mlflow.entities.Run) -> dict:
     }
 
 
+def emit(result: dict, output: Path | None) -> None:
+    """One JSON line on stdout, and appended to `output` when given."""
+    line = json.dumps(result)
+    print(line, flush=True)
+    if output:
+        with output.open("a") as f:
+            f.write(line + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -96,11 +105,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     for recipe in args.recipe:
-        line = json.dumps(run_recipe(recipe, args.data_dir))
-        print(line, flush=True)
-        if args.output:
-            with args.output.open("a") as f:
-                f.write(line + "\n")
+        emit(run_recipe(recipe, args.data_dir), args.output)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,14 @@ def option_defaults(stage: str) -> dict[str, str]:
     return defaults
 
 
+def option_help(name: str) -> str:
+    """The option's description; a model option without one names the models that take it."""
+    if name in OPTION_HELP:
+        return OPTION_HELP[name]
+    owners = option_owners().get(name)
+    return f"{', '.join(owners)}: a constructor option (pipeline/models.py)" if owners else ""
+
+
 def add_options(parser: argparse.ArgumentParser, stage: str, names: Sequence[str]) -> None:
     defaults = option_defaults(stage)
     recipe_keys = set(read_yaml(model_defaults_path(TrainConfig.model))) - {"model"}
@@ -96,7 +104,7 @@ def add_options(parser: argparse.ArgumentParser, stage: str, names: Sequence[str
             dest=name,
             type=given,
             metavar="VALUE",
-            help=OPTION_HELP.get(name, "") + shown,
+            help=option_help(name) + shown,
         )
 
 

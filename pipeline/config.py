@@ -313,31 +313,8 @@ def resolve_train_config(overrides: Mapping[str, Any]) -> TrainConfig:
     )
 
 
-# A recipe in experiments/ is written for the full set (45,000 training images). On a small set its
-# batch leaves few optimizer steps per epoch (1,500 images at batch 512: 2), and the run learns
-# nothing in the epochs a user gives it. The rule: at least MIN_STEPS_PER_EPOCH steps an epoch, the
-# batch halved (to no less than MIN_BATCH) until there are, and the learning rate following the
-# batch, linearly for SGD and by its square root for AdamW. Warm-up is a fraction of the steps, so
-# it follows too. Measured in benchmarks/RESULTS.md (Recipes and training-set size).
+# The recipe values that `pipeline/recipes.py:scaled_to_data` may adapt to the training-set size.
 SCALED_FIELDS = ("batch_size", "lr")
-MIN_STEPS_PER_EPOCH = 50
-MIN_BATCH = 16
-
-
-def scaled_to_data(config: TrainConfig, train_images: int) -> TrainConfig:
-    """`config` with its recipe batch size and learning rate adapted to `train_images` (unchanged
-    where the user gave either, or where the recipe already gives enough steps an epoch)."""
-    if "batch_size" not in config.from_recipe:
-        return dataclasses.replace(config, from_recipe=[])
-    batch = config.batch_size
-    while batch > MIN_BATCH and train_images // batch < MIN_STEPS_PER_EPOCH:
-        batch //= 2
-    batch = max(batch, min(MIN_BATCH, config.batch_size))
-    lr = config.lr
-    if "lr" in config.from_recipe and batch != config.batch_size:
-        ratio = batch / config.batch_size
-        lr = config.lr * (ratio if config.optimizer == "sgd" else ratio**0.5)
-    return dataclasses.replace(config, batch_size=batch, lr=lr, from_recipe=[])
 
 
 def train_config_from(model: str, *layers: Mapping[str, Any]) -> TrainConfig:
@@ -381,7 +358,8 @@ def dump_yaml(values: Mapping[str, Any]) -> str:
 # What each option means, for `--help` (one text per name; the same name means the same thing in
 # every stage). The defaults come from the dataclasses above (and for train from the model's YAML).
 OPTION_HELP = {
-    "model": "architecture: cnn, resnet18, resnet18_pretrained, vgg16_transfer, vgg16_finetune",
+    "model": "architecture: cnn, fastnet, resnet18, resnet18_pretrained, vgg16_transfer, "
+    "vgg16_finetune",
     "data_dir": "image-folder tree, archive of one, official CIFAR-10 batches, or 'synthetic'; "
     "only the default 'data' downloads CIFAR-10",
     "val_fraction": "share of the training images held out (stratified) for validation",
@@ -415,7 +393,9 @@ OPTION_HELP = {
     "stop_if_not_learning": "stop a run the watchdog finds at chance after 3 epochs or diverging",
     "resume_run_id": "continue this killed or failed train run where it stopped",
     "config": "a YAML file of train parameters (e.g. tune's best_config.yaml) over the model's",
-    "width": "cnn: channels of the first conv block (then 2x, 4x)",
+    "width": "cnn: channels of the first conv block (then 2x, 4x); fastnet: of the first block "
+    "(then 2x, 2x)",
+    "head_scale": "fastnet: factor on the logits (small: a gentle start at a high learning rate)",
     "hidden_units": "cnn: width of the hidden fully connected layer",
     "dropout": "dropout before the classifier layers (cnn, vgg16_*)",
     "batch_norm": "cnn: batch norm after each convolution",

@@ -33,6 +33,9 @@ class ModelSpec:
     weights: Any = None
     frozen_part: str | None = None
     unfreeze_after_freeze_epochs: bool = False
+    # Called once with the new model and normalized training images (NCHW float), before training:
+    # fastnet sets its whitening layer from the data. A loaded model gets it from its weights.
+    init_from_data: Callable[[nn.Module, torch.Tensor], None] | None = None
 
     @property
     def options(self) -> dict[str, Any]:
@@ -132,6 +135,75 @@ VGG16_SPEC = {
 }
 register("vgg16_transfer", **VGG16_SPEC)(vgg16_cifar)
 register("vgg16_finetune", **VGG16_SPEC, unfreeze_after_freeze_epochs=True)(vgg16_cifar)
+
+
+def fast_conv(in_ch: int, out_ch: int) -> nn.Conv2d:
+    """A 3x3 convolution that starts as an identity on its first `in_ch` channels (Dirac init): an
+    implicit residual connection at no cost."""
+    conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)
+    nn.init.dirac_(conv.weight.data[: min(in_ch, out_ch)])
+    return conv
+
+
+def fast_norm(channels: int) -> nn.BatchNorm2d:
+    """Batch norm with a fixed scale of 1 (the convolutions before it are scale-free, so a learnt
+    scale only slows the high learning rate down) and fast-moving running statistics."""
+    norm = nn.BatchNorm2d(channels, eps=1e-12, momentum=0.4)
+    norm.weight.requires_grad_(False)
+    return norm
+
+
+class FastBlock(nn.Sequential):
+    """conv 3x3 -> max-pool 2 -> BN -> GELU -> conv 3x3 -> BN -> GELU: the pool before the norm
+    halves the work of everything after the first convolution."""
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__(
+            fast_conv(in_ch, out_ch),
+            nn.MaxPool2d(2),
+            fast_norm(out_ch),
+            nn.GELU(),
+            fast_conv(out_ch, out_ch),
+            fast_norm(out_ch),
+            nn.GELU(),
+        )
+
+
+class FastNet(nn.Module):
+    """A network designed for speed, after the published ideas of KellerJordan/cifar10-airbench:
+    a fixed 2x2 patch-whitening first layer (set from the training data, not trained), three wide
+    blocks that pool early, a global max-pool and a linear head whose output is scaled down
+    (a gentler start for the high learning rates its recipe uses)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 64, head_scale: float = 1 / 9) -> None:
+        super().__init__()
+        self.whiten = nn.Conv2d(3, 24, kernel_size=2, bias=False)
+        self.whiten.weight.requires_grad_(False)
+        self.blocks = nn.Sequential(
+            FastBlock(24, width), FastBlock(width, 2 * width), FastBlock(2 * width, 2 * width)
+        )
+        self.head = nn.Linear(2 * width, num_classes, bias=False)
+        self.head_scale = head_scale
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.blocks(nn.functional.gelu(self.whiten(images)))
+        return self.head(features.amax(dim=(2, 3))) * self.head_scale
+
+
+def fit_whitening(model: nn.Module, images: torch.Tensor, eps: float = 5e-4) -> None:
+    """Set the 2x2 whitening filters from the training images' patch covariance: its 12
+    eigenvectors scaled by 1/sqrt(eigenvalue), and their negatives (24 filters)."""
+    patches = images[:5000].float().unfold(2, 2, 1).unfold(3, 2, 1)  # N, C, H', W', 2, 2
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double()
+    patches = patches - patches.mean(dim=0)
+    covariance = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).view(12, 3, 2, 2)
+    with torch.no_grad():
+        model.whiten.weight.copy_(torch.cat([filters, -filters]).to(model.whiten.weight))
+
+
+register("fastnet", init_from_data=fit_whitening)(FastNet)
 
 
 def model_names() -> list[str]:

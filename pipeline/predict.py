@@ -161,6 +161,9 @@ def score_spark(inputs: InputFiles, config: PredictConfig) -> pd.DataFrame:
         .getOrCreate()
     )
     spark.sparkContext.setLogLevel("ERROR")
+    # Arrow hands the UDF batches of up to 10,000 rows by default: over the pyfunc's 1,024-image
+    # limit (measured: "2500 images in one request"). One batch is one chunk of `batch_size`.
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(config.batch_size))
     classify = mlflow.pyfunc.spark_udf(
         spark,
         config.model_uri,

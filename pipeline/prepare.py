@@ -7,12 +7,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.config import TrainConfig, scaled_to_data
+from pipeline.config import TrainConfig
 from pipeline.data import Splits, load_training_set, make_splits
 from pipeline.imaging import ImageSet
-from pipeline.loader import Augmentation, DeviceBatches
+from pipeline.loader import Augmentation, DeviceBatches, normalize
 from pipeline.loop import select_device
-from pipeline.models import build_model
+from pipeline.models import build_model, get_spec
+from pipeline.recipes import scaled_to_data
 
 
 @dataclass
@@ -45,7 +46,11 @@ def prepare_training(config: TrainConfig, data: ImageSet | None = None) -> Prepa
         pretrained=config.pretrained,
         weights_path=config.weights_path,
         num_classes=len(data.class_names),
-    ).to(device)
+    )
+    if (init_from_data := get_spec(config.model).init_from_data) is not None:
+        sample = torch.from_numpy(splits.train.images[:5000]).permute(0, 3, 1, 2)
+        init_from_data(model, normalize(sample, splits.mean, splits.std))
+    model = model.to(device)
     if on_cuda:
         model = model.to(memory_format=torch.channels_last)
     augmentation = Augmentation(config.crop_padding, config.flip, config.cutout)

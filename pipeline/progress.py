@@ -12,9 +12,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.config import MIN_STEPS_PER_EPOCH, TrainConfig
+from pipeline.config import TrainConfig
 from pipeline.loader import DeviceBatches
 from pipeline.prepare import Prepared
+from pipeline.recipes import MIN_STEPS_PER_EPOCH
 
 
 def format_duration(seconds: float) -> str:

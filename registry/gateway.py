@@ -14,8 +14,8 @@ what a hostile client needs, before MLflow's parser sees a byte:
 - `Authorization: Bearer <token>` on everything but /ping and /health when a token is set;
 - Prometheus metrics on /metrics.
 
-Each guard is one small ASGI middleware on Starlette's request and response types; `build_gateway`
-stacks them. A guard refuses by raising `Rejected`, which the outermost one (`Observed`) answers.
+Each guard is one small ASGI middleware (an `HttpGuard` and its `handle`) on Starlette's request
+and response types; `build_gateway` stacks them. A guard refuses by raising `Rejected`, which the outermost one (`Observed`) answers.
 Adding a guard (a rate limit, say) is one class here, one line in `build_gateway` and its test.
 """
 
@@ -214,18 +214,28 @@ def internal_error(request_id: str) -> dict[str, str]:
     )  # fmt: skip
 
 
-class Observed:
-    """Outermost: gives each request an id (answered as `x-request-id`), counts it and its time,
-    answers a `Rejected` as one JSON line, and turns anything unexpected into a 500 whose trace goes
-    to the log under the request id."""
+class HttpGuard:
+    """One guard around `app`: `handle` sees each HTTP request; anything else passes through."""
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "http":
+            await self.handle(scope, receive, send)
+        else:
             await self.app(scope, receive, send)
-            return
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class Observed(HttpGuard):
+    """Outermost: gives each request an id (answered as `x-request-id`), counts it and its time,
+    answers a `Rejected` as one JSON line, and turns anything unexpected into a 500 whose trace goes
+    to the log under the request id."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = uuid.uuid4().hex[:16]
         scope.setdefault("state", {})["request_id"] = request_id
         route = scope["path"] if scope["path"] in ROUTES else "other"
@@ -256,14 +266,15 @@ class Observed:
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
-class BearerToken:
+class BearerToken(HttpGuard):
     """`Authorization: Bearer <token>` on everything but /ping and /health, when a token is set."""
 
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
-        self.app, self.token = app, token
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, token: str | None) -> None:
+        super().__init__(app, metrics)
+        self.token = token
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.token and scope["type"] == "http" and scope["path"] not in OPEN_ROUTES:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.token and scope["path"] not in OPEN_ROUTES:
             given = Request(scope).headers.get("authorization")
             if given is None or not given.startswith("Bearer "):
                 raise Rejected(
@@ -278,33 +289,27 @@ class BearerToken:
         await self.app(scope, receive, send)
 
 
-class MetricsRoute:
+class MetricsRoute(HttpGuard):
     """Prometheus exposition on /metrics (behind the token, like everything but the health checks)."""
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/metrics":
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] == "/metrics":
             response = Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
 
-class InvocationBody:
+class InvocationBody(HttpGuard):
     """/invocations: JSON only (415), a body cap counted from the headers and as chunks arrive
     (413), then `parse_invocation`'s checks; MLflow's app gets the body already read."""
 
-    def __init__(self, app: ASGIApp, settings: GatewaySettings, metrics: ServerMetrics) -> None:
-        self.app, self.settings, self.metrics = app, settings, metrics
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, settings: GatewaySettings) -> None:
+        super().__init__(app, metrics)
+        self.settings = settings
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["path"] == "/invocations"
-            and scope["method"] == "POST"
-        ):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] == "/invocations" and scope["method"] == "POST":
             body = await self.read(Request(scope, receive))
             self.metrics.images.observe(parse_invocation(body, self.settings))
             receive = replay(body, receive)
@@ -343,17 +348,11 @@ class InvocationBody:
         return b"".join(chunks)
 
 
-class CleanErrors:
+class CleanErrors(HttpGuard):
     """Innermost: MLflow's answers under 400 pass; the others become one clean JSON line (no trace,
     path or repr; an internal error is a 500 whose original goes to the log)."""
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = request_id_of(scope)
         started: dict[str, Any] = {}
         chunks: list[bytes] = []
@@ -399,9 +398,9 @@ class CleanErrors:
 def build_gateway(inner: ASGIApp, settings: GatewaySettings, metrics: ServerMetrics) -> ASGIApp:
     """MLflow's scoring app behind the guards, outermost first."""
     app = CleanErrors(inner, metrics)
-    app = InvocationBody(app, settings, metrics)
+    app = InvocationBody(app, metrics, settings)
     app = MetricsRoute(app, metrics)
-    app = BearerToken(app, settings.token)
+    app = BearerToken(app, metrics, settings.token)
     return Observed(app, metrics)
 
 

@@ -1,14 +1,12 @@
 import pytest
 
 from pipeline.config import (
-    MIN_STEPS_PER_EPOCH,
     ConfigError,
     PromoteConfig,
     TrainConfig,
     build_config,
     config_to_params,
     resolve_train_config,
-    scaled_to_data,
 )
 
 
@@ -79,7 +77,7 @@ def test_a_model_declares_its_own_options_and_no_other_model_takes_them():
     }
     assert config_to_params(cnn)["width"] == 48 and "options" not in config_to_params(cnn)
     assert resolve_train_config({"model": "resnet18"}).options == {}
-    with pytest.raises(ConfigError, match="'width' is an option of cnn, not of resnet18"):
+    with pytest.raises(ConfigError, match="'width' is an option of cnn, fastnet, not of resnet18"):
         resolve_train_config({"model": "resnet18", "width": "48"})
 
 
@@ -95,26 +93,3 @@ def test_a_new_architecture_with_one_option_needs_only_its_constructor(monkeypat
     config = resolve_train_config({"model": "toy", "depth": "3"})
     assert config.options == {"depth": 3}
     assert len(models.build_model("toy", config.options)) == 4
-
-
-def test_a_recipe_scales_its_batch_and_lr_to_a_small_training_set_only():
-    resnet = resolve_train_config({"model": "resnet18"})
-    assert (resnet.batch_size, resnet.lr, resnet.from_recipe) == (512, 0.2, ["batch_size", "lr"])
-    small = scaled_to_data(resnet, 1_350)  # 2 steps an epoch at 512
-    assert small.batch_size == 16 and small.lr == pytest.approx(0.2 * 16 / 512)  # SGD: linear
-    assert 1_350 // small.batch_size >= MIN_STEPS_PER_EPOCH and small.from_recipe == []
-    assert scaled_to_data(resnet, 45_000).batch_size == 512  # the size the recipe was written for
-    cnn = scaled_to_data(resolve_train_config({"model": "cnn"}), 810)
-    assert cnn.batch_size == 16 and cnn.lr == pytest.approx(0.004 * (16 / 256) ** 0.5)  # AdamW
-    assert scaled_to_data(resolve_train_config({"model": "cnn"}), 200).batch_size == 16
-
-
-def test_an_explicit_batch_size_or_lr_is_never_scaled(tmp_path):
-    chosen = scaled_to_data(resolve_train_config({"model": "resnet18", "batch_size": "512"}), 1_350)
-    assert (chosen.batch_size, chosen.lr) == (512, 0.2)
-    lr_given = scaled_to_data(resolve_train_config({"model": "resnet18", "lr": "0.05"}), 1_350)
-    assert (lr_given.batch_size, lr_given.lr) == (16, 0.05)
-    best = tmp_path / "best.yaml"
-    best.write_text("model: cnn\nbatch_size: 256\n")
-    from_file = scaled_to_data(resolve_train_config({"config": str(best)}), 810)
-    assert from_file.batch_size == 256

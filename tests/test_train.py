@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.config import ConfigError, resolve_train_config
+from pipeline.config import ConfigError, EvaluateConfig, resolve_train_config
 from pipeline.data import BadDataError, load_test_set
+from pipeline.evaluate import run_evaluate
 from pipeline.imaging import encode_png
 from pipeline.loop import NonFiniteLossError, fit, select_device
 from pipeline.models import model_names
@@ -471,3 +472,23 @@ def test_a_three_class_folder_of_real_images_learns_with_the_defaults(
     run = mlflow.get_run(result.run_id)
     assert run.data.params["resolved.batch_size"] == "16"
     assert result.best_val_accuracy >= 0.7
+
+
+def test_fastnet_whitens_from_its_data_resumes_bit_identically_and_evaluates(tracking, data_256):
+    settings = {"model": "fastnet", "data_dir": "synthetic", "epochs": 3, "width": 16,
+                "max_train_images": 384, "checkpoint_seconds": 0}  # fmt: skip
+    prepared = prepare_training(tiny_config(tracking, **settings))
+    whitening = prepared.model.whiten.weight.detach().clone()
+    assert not whitening.requires_grad and whitening.abs().sum() > 0
+    fit(prepared.model, "fastnet", prepared.train_batches, prepared.val_batches, prepared.config)
+    assert torch.equal(prepared.model.whiten.weight, whitening)  # fixed, not trained
+    unbroken, crashed, resumed = crash_then_resume(tracking, settings, crash_after_epoch=1)
+    assert mlflow.get_run(crashed).data.tags["resumed_from_epoch"] == "2"
+    assert_same_weights(unbroken.model_uri, resumed.model_uri)
+    trained = run_train(
+        tiny_config(tracking, model="fastnet", data_dir=str(data_256), epochs=1, width=16)
+    )
+    evaluated = run_evaluate(
+        EvaluateConfig(model_uri=trained.model_uri, data_dir=str(data_256), gradcam_per_class=1)
+    )
+    assert 0 <= evaluated.metrics["test_accuracy"] <= 1
