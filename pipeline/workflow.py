@@ -9,6 +9,7 @@ after a failure resumes at the failed step. `force_rerun=true` runs everything a
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -122,6 +123,8 @@ def short_code(code: str) -> str:
 def find_finished(experiment_id: str, step: Step) -> tuple[Run | None, str]:
     """A finished run of the step that consumed exactly what it would now (data, config, code and
     main's inputs), or None and why not."""
+    if step.expected is None:
+        return None, "its data cannot be read here; the step will say why"
     runs = mlflow.MlflowClient().search_runs(
         [experiment_id],
         filter_string=(
@@ -130,8 +133,6 @@ def find_finished(experiment_id: str, step: Step) -> tuple[Run | None, str]:
         ),
         order_by=["attributes.start_time DESC"],
     )
-    if step.expected is None:
-        return None, "its data cannot be read here; the step will say why"
     inputs = json.dumps(step.inputs, sort_keys=True)
     for run in runs:
         if (
@@ -215,19 +216,25 @@ def run_main(options: dict[str, Any]) -> dict[str, str]:
         preprocess_params = {k: v for k, v in options.items() if k in PREPROCESS_KEYS}
         preprocess_config = build_config(PreprocessConfig, preprocess_params)
 
+        # Read once each (a failed read is not kept: the preprocess step may download the data).
+        @functools.cache
+        def training_set() -> ImageSet:
+            return load_training_set(source, False, config.skip_bad_images)
+
+        @functools.cache
+        def test_split() -> ImageSet:
+            return load_test_set(source, False, config.skip_bad_images)
+
         def preprocess_splits() -> dict[str, ImageSet]:
-            data = load_training_set(source, False, config.skip_bad_images)
-            carved = make_splits(data, config.val_fraction, config.seed)
+            carved = make_splits(training_set(), config.val_fraction, config.seed)
             test = {"test": test_split()} if has_test_set(source) else {}
             return {"train": carved.train, "val": carved.val} | test
 
         def train_splits() -> dict[str, ImageSet]:
-            data = load_training_set(source, False, config.skip_bad_images)
-            carved = make_splits(data, config.val_fraction, config.seed, config.max_train_images)
+            carved = make_splits(
+                training_set(), config.val_fraction, config.seed, config.max_train_images
+            )
             return {"train": carved.train, "val": carved.val}
-
-        def test_split() -> ImageSet:
-            return load_test_set(source, False, config.skip_bad_images)
 
         preprocess, _ = get_or_run(
             experiment_id,
