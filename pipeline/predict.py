@@ -189,20 +189,20 @@ def score_spark(inputs: InputFiles, config: PredictConfig) -> pd.DataFrame:
 def prediction_table(scored: pd.DataFrame, class_names: list[str]) -> pd.DataFrame:
     """path, class_name, label, confidence, one probability column per class, error."""
     ok = scored["error"] == ""
+    rows = ok.to_numpy()
     probabilities = np.full((len(scored), len(class_names)), np.nan)
-    if ok.any():
-        probabilities[ok.to_numpy()] = np.stack(scored.loc[ok, "probabilities"].map(np.asarray))
+    confidence = np.full(len(scored), np.nan)
+    if rows.any():
+        probabilities[rows] = np.stack(scored.loc[ok, "probabilities"].map(np.asarray))
+        confidence[rows] = probabilities[rows].max(axis=1)
     table = pd.DataFrame(
         {
             "path": scored["path"],
             "class_name": scored["class_name"].where(ok, ""),
             "label": pd.array(scored["label"].where(ok), dtype="Int64"),
-            "confidence": probabilities.max(
-                axis=1, initial=-np.inf, where=~np.isnan(probabilities)
-            ),
+            "confidence": confidence,
         }
     )
-    table.loc[~ok, "confidence"] = np.nan
     for index, name in enumerate(class_names):
         table[f"p_{name}"] = probabilities[:, index]
     table["error"] = scored["error"]
