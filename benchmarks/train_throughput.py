@@ -7,6 +7,7 @@ Fine-tuned models freeze their features for the first half of the epochs and are
 so the frozen phase really is frozen (only the head trains) as in a real run.
 
     python benchmarks/train_throughput.py [--images 512] [--epochs 4] [--models cnn resnet18 ...]
+        [--precision auto|bf16|fp32]
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ import json
 
 import torch
 
-from pipeline.config import resolve_train_config
+from pipeline.config import PRECISIONS, resolve_train_config
 from pipeline.data import make_synthetic
-from pipeline.loop import fit
+from pipeline.loop import autocast_dtype, fit
 from pipeline.models import get_spec, model_names
 from pipeline.prepare import prepare_training
 
 
-def measure(name: str, images: int, batch_size: int, epochs: int, compile_model: bool) -> dict:
+def measure(
+    name: str, images: int, batch_size: int, epochs: int, compile_model: bool, precision: str
+) -> dict:
     config = resolve_train_config(
         {
             "model": name,
@@ -32,6 +35,7 @@ def measure(name: str, images: int, batch_size: int, epochs: int, compile_model:
             "epochs": epochs,
             "freeze_epochs": epochs // 2,
             "compile": compile_model,
+            "precision": precision,
             "val_fraction": 0.1,
         }
     )
@@ -56,6 +60,7 @@ def measure(name: str, images: int, batch_size: int, epochs: int, compile_model:
         "batch_size": batch_size,
         "train_images": len(prepared.splits.train),
         "compile": compile_model,
+        "precision": "bf16" if autocast_dtype(prepared.device, precision) else "fp32",
         **{
             f"images_per_second_{phase}": round(sum(values) / len(values), 1)
             for phase, values in phases.items()
@@ -71,9 +76,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--models", nargs="*", default=model_names())
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     args = parser.parse_args()
     for name in args.models:
-        result = measure(name, args.images, args.batch_size, args.epochs, args.compile)
+        result = measure(
+            name, args.images, args.batch_size, args.epochs, args.compile, args.precision
+        )
         print(json.dumps(result), flush=True)
 
 

@@ -77,7 +77,7 @@ def main() -> None:
             results += [time_airbench(variant, Path(tmp)) for variant in args.airbench]
         ours = ["model=fastnet", "model=resnet18"]
     else:
-        ours = ["model=fastnet", "model=cnn epochs=10"]
+        ours = ["model=fastnet", "model=cnn config=experiments/configs/cnn_cpu_10_epochs.yaml"]
     reference = next((r["seconds"] for r in results if r["who"] == "airbench94"), None)
     for recipe in ours:
         line = run_recipe(recipe, args.data_dir)

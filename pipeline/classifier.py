@@ -27,7 +27,7 @@ from pipeline.decoding import InvalidImageError, decode_image
 from pipeline.imaging import encode_png
 from pipeline.loader import normalize
 from pipeline.micro_batcher import MicroBatcher
-from pipeline.models import build_model
+from pipeline.models import build_model, class_probabilities
 
 IMAGE_COLUMN = "image"
 MAX_IMAGES_PER_REQUEST = 1024
@@ -57,17 +57,14 @@ def predict_probabilities(
     tta: bool = False,
     batch_size: int = 512,
 ) -> np.ndarray:
-    """Softmax probabilities for uint8 NHWC images; `tta` averages with the mirrored image."""
+    """Softmax probabilities for uint8 NHWC images (`class_probabilities`, in chunks)."""
     model.eval()
     device = next(model.parameters()).device
     outputs = []
     for start in range(0, len(images), batch_size):
         chunk = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2)
         batch = normalize(chunk.to(device), mean, std)
-        probabilities = model(batch).float().softmax(dim=1)
-        if tta:
-            probabilities = (probabilities + model(batch.flip(-1)).float().softmax(dim=1)) / 2
-        outputs.append(probabilities.cpu().numpy())
+        outputs.append(class_probabilities(model, batch, tta).cpu().numpy())
     return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
 
 

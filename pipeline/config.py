@@ -39,6 +39,9 @@ class PreprocessConfig:
         check_fraction("val_fraction", self.val_fraction)
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
 @dataclass
 class TrainConfig:
     model: str = "cnn"
@@ -61,6 +64,9 @@ class TrainConfig:
     crop_padding: int = 4
     flip: bool = True
     cutout: int = 0
+    tta: bool = False
+    bias_lr_factor: float = 1.0
+    precision: str = "auto"
     patience: int = 0
     # The model's own options (pipeline/models.py declares them with defaults); every one is filled.
     options: dict[str, Any] = field(default_factory=dict)
@@ -88,7 +94,13 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}.")
         if self.max_train_images < 0:
             raise ConfigError("max_train_images must be 0 (all images) or a positive count.")
-        choices = {"optimizer": ("adamw", "sgd"), "schedule": ("onecycle", "cosine", "constant")}
+        if self.bias_lr_factor <= 0:
+            raise ConfigError(f"bias_lr_factor must be positive, got {self.bias_lr_factor}.")
+        choices = {
+            "optimizer": ("adamw", "sgd"),
+            "schedule": ("onecycle", "cosine", "constant"),
+            "precision": PRECISIONS,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
@@ -99,7 +111,7 @@ class EvaluateConfig:
     model_uri: str = ""
     data_dir: str = "data"
     batch_size: int = 500
-    tta: bool = False
+    tta: bool | None = None  # None: the model's own default (what its validation used)
     gradcam_per_class: int = 2
     download: bool | None = None  # None: only the default data_dir downloads CIFAR-10
     skip_bad_images: bool = False
@@ -174,7 +186,7 @@ class PredictConfig:
     engine: str = "local"
     spark_master: str = "local[*]"
     batch_size: int = 256
-    tta: bool = False
+    tta: bool | None = None  # None: the model's own default (what its validation used)
     experiment_name: str | None = None
 
     def __post_init__(self) -> None:
@@ -382,6 +394,10 @@ OPTION_HELP = {
     "crop_padding": "pixels of padding for random crops (0 = no crops)",
     "flip": "random horizontal flips",
     "cutout": "side of a random square blanked in each image (0 = off)",
+    "bias_lr_factor": "learning-rate factor for normalization biases (their weight decay per "
+    "step unchanged)",
+    "precision": "auto (bfloat16 where the device computes it natively: CUDA, CPUs with "
+    "AVX512-BF16 or AMX), bf16 or fp32",
     "patience": "stop after this many epochs without a better validation accuracy (0 = never)",
     "pretrained": "start from ImageNet weights (resnet18_pretrained, vgg16_*)",
     "weights_path": "a local file of ImageNet weights, instead of torchvision's download",
@@ -402,7 +418,8 @@ OPTION_HELP = {
     "convs_per_block": "cnn: 3x3 convolutions per block",
     "model_uri": "an MLflow model URI: runs:/<run_id>/model, models:/m-<id>, "
     "models:/cifar10-resnet@champion",
-    "tta": "average with the mirrored image (flip test-time augmentation)",
+    "tta": "average with the mirrored image (flip test-time augmentation); train: in validation "
+    "and as the logged model's default; evaluate, predict: default the model's",
     "gradcam_per_class": "Grad-CAM overlays per class (0 = none)",
     "n_trials": "trials to finish in this study (all workers together)",
     "storage": "Optuna storage URL (default: optuna.db beside the tracking store)",

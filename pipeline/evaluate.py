@@ -6,7 +6,7 @@ request takes, so the reported accuracy is what users get.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import matplotlib
 
@@ -31,6 +31,7 @@ from pipeline.data import BadDataError, load_test_set
 from pipeline.errors import PipelineError
 from pipeline.imaging import ImageSet
 from pipeline.loader import normalize
+from pipeline.model_logging import default_tta
 from pipeline.models import gradcam_target_layer
 from pipeline.tracking import (
     describe_run,
@@ -233,11 +234,16 @@ class EvaluateResult:
 
 def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     """The `evaluate` entry point. The test metrics are also written back to the training run, but only
-    when they come from the test split of the data that run was trained on."""
-    name = "evaluate-tta" if config.tta else "evaluate"
-    with stage_run(config.experiment_name, f"{name} · {source_name(config.data_dir)}") as run:
-        log_resolved_params(config_to_params(config))
+    when they come from the test split of the data that run was trained on. `tta` unset means the
+    model's own default (what its validation used)."""
+    with stage_run(config.experiment_name, f"evaluate · {source_name(config.data_dir)}") as run:
         model = load_logged_model(config.model_uri)
+        requested = config_to_params(config)  # the step's identity for `main`, as it was asked
+        if config.tta is None:
+            config = replace(config, tta=default_tta(model))
+        if config.tta:
+            mlflow.set_tag("mlflow.runName", f"evaluate-tta · {source_name(config.data_dir)}")
+        log_resolved_params(config_to_params(config))
         test = load_test_set(config.data_dir, config.download, config.skip_bad_images)
         source_run_id = model.metadata.run_id
         meta = model.metadata.metadata or {}
@@ -251,7 +257,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
             {"model_uri": config.model_uri, "source_run_id": source_run_id or "", "tta": config.tta}
         )
         log_dataset(test, context="test")
-        log_lineage({"test": test}, config_to_params(config))
+        log_lineage({"test": test}, requested)
         if test.problems:
             log_json(test.problems, "skipped_files.json")
         probabilities = predict_in_chunks(model, test.images, config.batch_size, config.tta)

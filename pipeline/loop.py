@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.loader import DeviceBatches, epoch_seed
-from pipeline.models import get_spec, is_frozen, set_frozen
+from pipeline.models import class_probabilities, get_spec, is_frozen, set_frozen
 
 # Called after every epoch with (epoch, metrics, the checkpoint written this epoch or None); it may
 # raise to stop training (Optuna pruning does).
@@ -56,13 +57,56 @@ def training_phases(config: TrainConfig, unfreezes: bool) -> list[Phase]:
     return [Phase(0, config.epochs, config.lr)]
 
 
+NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or AdamW. With `bias_lr_factor` the normalization biases learn that many
+    times faster with the same decay per step (airbench's bias scaler: with fixed-scale batch norm
+    they are the thresholds, and they move little at the weights' rate)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = [{"params": params}]
+    if config.bias_lr_factor != 1:
+        biases = {
+            id(m.bias) for m in model.modules() if isinstance(m, NORM_LAYERS) and m.bias is not None
+        }
+        factor = config.bias_lr_factor
+        groups = [
+            {"params": [p for p in params if id(p) not in biases]},
+            {
+                "params": [p for p in params if id(p) in biases],
+                "lr": lr * factor,
+                "weight_decay": config.weight_decay / factor,
+            },
+        ]
     if config.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay
+            groups, lr=lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay
         )
-    return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=config.weight_decay)
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The reduced precision to compute in, None for float32. "auto" takes bfloat16 where the
+    device computes it natively (CUDA; a CPU with AVX512-BF16 or AMX, where fastnet trains ~1.7x
+    faster: benchmarks/RESULTS.md) and float32 elsewhere (emulated bfloat16 is slower)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    native = (
+        getattr(torch.cpu, name, lambda: False)()
+        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+    return torch.bfloat16 if device.type == "cpu" and any(native) else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def make_scheduler(
@@ -70,10 +114,16 @@ def make_scheduler(
 ) -> torch.optim.lr_scheduler.LRScheduler:
     if config.schedule == "onecycle" and total_steps >= 4:
         # OneCycleLR divides by its warm-up length in steps, so it needs at least two of them
-        # (one epoch of 81 images at batch 16 is 5 steps: 20% of it is one step).
+        # (one epoch of 81 images at batch 16 is 5 steps: 20% of it is one step). It would also
+        # cycle the momentum between 0.85 and 0.95 over the configured one (and AdamW's beta1):
+        # the momentum a recipe or a search space sets is the one that runs.
         pct_start = max(config.warmup_fraction, 2 / total_steps)
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=lr, total_steps=total_steps, pct_start=pct_start
+            optimizer,
+            max_lr=[group["lr"] for group in optimizer.param_groups],
+            total_steps=total_steps,
+            pct_start=pct_start,
+            cycle_momentum=False,
         )
     warmup = max(1, int(config.warmup_fraction * total_steps))
 
@@ -95,11 +145,11 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     loss_fn: nn.Module,
     epoch: int,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """One pass over the shuffled, augmented split; statistics stay on the device until the end."""
     model.train()
     device = batches.device
-    use_bf16 = device.type == "cuda"
     step_losses = torch.zeros(len(batches), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     progress = tqdm(
@@ -111,7 +161,7 @@ def train_one_epoch(
         disable=not sys.stderr.isatty(),
     )
     for step, (images, labels) in enumerate(progress):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with autocast(device, dtype):
             logits = model(images)
             loss = loss_fn(logits, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -135,17 +185,21 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate_batches(model: nn.Module, batches: DeviceBatches) -> dict[str, float]:
-    """Plain cross-entropy and accuracy over every image of an unaugmented split."""
+def evaluate_batches(
+    model: nn.Module, batches: DeviceBatches, tta: bool = False, dtype: torch.dtype | None = None
+) -> dict[str, float]:
+    """Cross-entropy and accuracy over every image of an unaugmented split, of the probabilities
+    the served model gives (`class_probabilities`, with flip TTA when asked)."""
     model.eval()
     device = batches.device
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     for images, labels in batches:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(images).float()
-        total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum")
-        correct += (logits.argmax(dim=1) == labels).sum()
+        with autocast(device, dtype):
+            probabilities = class_probabilities(model, images, tta)
+        log_probabilities = probabilities.clamp_min(1e-12).log()
+        total_loss += nn.functional.nll_loss(log_probabilities, labels, reduction="sum")
+        correct += (probabilities.argmax(dim=1) == labels).sum()
     n = len(batches.labels)
     return {"val_loss": float(total_loss) / n, "val_accuracy": float(correct) / n}
 
@@ -247,6 +301,7 @@ def fit(
     if resume_from:
         model.load_state_dict(resume_from["model"])
     classes = int(torch.unique(val_batches.labels).numel())
+    dtype = autocast_dtype(train_batches.device, config.precision)
     started = last_checkpoint = time.perf_counter()
     for phase in phases:
         if state.next_epoch >= phase.end or state.stopped_early:
@@ -264,10 +319,10 @@ def fit(
             train_batches.set_epoch(epoch)
             epoch_started = time.perf_counter()
             metrics = train_one_epoch(
-                step_model, train_batches, optimizer, scheduler, loss_fn, epoch
+                step_model, train_batches, optimizer, scheduler, loss_fn, epoch, dtype
             )
             train_seconds = time.perf_counter() - epoch_started
-            metrics |= evaluate_batches(step_model, val_batches)
+            metrics |= evaluate_batches(step_model, val_batches, config.tta, dtype)
             now = time.perf_counter()
             metrics |= {
                 "learning_rate": optimizer.param_groups[0]["lr"],

@@ -22,22 +22,36 @@ from pipeline.classifier import IMAGE_COLUMN, MICRO_BATCH_DEFAULTS
 from pipeline.imaging import encode_png
 
 PIPELINE_DIR = Path(__file__).resolve().parent
-SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec(AnyType(), IMAGE_COLUMN)]),
-    outputs=Schema(
-        [
-            ColSpec(DataType.long, "label"),
-            ColSpec(DataType.string, "class_name"),
-            ColSpec(Array(DataType.double), "probabilities"),
-        ]
-    ),
-    params=ParamSchema(
-        [
-            ParamSpec("tta", DataType.boolean, False),
-            ParamSpec("on_error", DataType.string, "raise"),
-        ]
-    ),
+OUTPUT_SCHEMA = Schema(
+    [
+        ColSpec(DataType.long, "label"),
+        ColSpec(DataType.string, "class_name"),
+        ColSpec(Array(DataType.double), "probabilities"),
+    ]
 )
+
+
+def classifier_signature(tta: bool) -> ModelSignature:
+    """Encoded images in; label, class name and probabilities out. The `tta` param defaults to
+    what the model's validation used, so a request without params gets the validated behaviour."""
+    return ModelSignature(
+        inputs=Schema([ColSpec(AnyType(), IMAGE_COLUMN)]),
+        outputs=OUTPUT_SCHEMA,
+        params=ParamSchema(
+            [
+                ParamSpec("tta", DataType.boolean, tta),
+                ParamSpec("on_error", DataType.string, "raise"),
+            ]
+        ),
+    )
+
+
+def default_tta(model: mlflow.pyfunc.PyFuncModel) -> bool:
+    """The `tta` a logged model applies when a request does not say (False for models logged
+    before it had a default)."""
+    params = model.metadata.get_params_schema()
+    defaults = {spec.name: spec.default for spec in params.params} if params else {}
+    return bool(defaults.get("tta", False))
 
 
 def log_classifier(
@@ -48,6 +62,7 @@ def log_classifier(
     std: Sequence[float],
     class_names: Sequence[str],
     example_image: np.ndarray,
+    tta: bool = False,
 ) -> ModelInfo:
     """Log `model` under the artifact name `model` in the active run, with everything to serve it.
     The model carries the `pipeline` package as its code, nothing of `registry/`."""
@@ -69,7 +84,7 @@ def log_classifier(
             python_model=str(PIPELINE_DIR / "classifier_entry.py"),
             artifacts={"weights": str(weights), "meta": str(meta_path)},
             code_paths=[str(PIPELINE_DIR)],
-            signature=SIGNATURE,
+            signature=classifier_signature(tta),
             model_config=MICRO_BATCH_DEFAULTS,
             input_example=pd.DataFrame({IMAGE_COLUMN: [encode_png(example_image)]}),
             pip_requirements=[

@@ -206,6 +206,16 @@ def fit_whitening(model: nn.Module, images: torch.Tensor, eps: float = 5e-4) -> 
 register("fastnet", init_from_data=fit_whitening)(FastNet)
 
 
+def class_probabilities(model: nn.Module, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Softmax probabilities of a normalized batch; `tta` averages them with the mirrored images'
+    (flip test-time augmentation). Validation, `evaluate` and the served model all call this, so
+    a model's validation accuracy with TTA is what it serves with TTA."""
+    probabilities = model(images).float().softmax(dim=1)
+    if tta:
+        probabilities = (probabilities + model(images.flip(-1)).float().softmax(dim=1)) / 2
+    return probabilities
+
+
 def model_names() -> list[str]:
     return sorted(MODELS)
 

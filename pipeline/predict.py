@@ -13,7 +13,7 @@ import glob
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
@@ -24,6 +24,7 @@ from tqdm import tqdm
 from pipeline.classifier import IMAGE_COLUMN
 from pipeline.config import ConfigError, PredictConfig, config_to_params
 from pipeline.image_folder import is_archive, unpacked_archive
+from pipeline.model_logging import default_tta
 from pipeline.tracking import (
     load_logged_model,
     log_lineage,
@@ -244,15 +245,18 @@ class PredictResult:
 
 
 def run_predict(config: PredictConfig) -> PredictResult:
-    """The `predict` entry point: one tracked run, one row per input file."""
+    """The `predict` entry point: one tracked run, one row per input file. `tta` unset means the
+    model's own default."""
     output = Path(config.output).expanduser().resolve()
     with stage_run(
         config.experiment_name, f"predict-{config.engine} · {source_name(config.input)}"
     ) as run:
-        log_resolved_params(config_to_params(config))
-        log_lineage({}, config_to_params(config))
         started = time.perf_counter()
         model = load_logged_model(config.model_uri)
+        log_lineage({}, config_to_params(config))  # as asked: the model's default stays implicit
+        if config.tta is None:
+            config = replace(config, tta=default_tta(model))
+        log_resolved_params(config_to_params(config))
         class_names = list(model.metadata.metadata["class_names"])
         inputs = list_inputs(config.input)
         loaded = time.perf_counter()

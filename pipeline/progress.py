@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from pipeline.config import TrainConfig
 from pipeline.loader import DeviceBatches
+from pipeline.loop import autocast, autocast_dtype
 from pipeline.prepare import Prepared
 from pipeline.recipes import MIN_STEPS_PER_EPOCH
 
@@ -56,7 +57,9 @@ class EpochProgress:
         self.bar.close()
 
 
-def seconds_per_image(model: nn.Module, batches: DeviceBatches) -> tuple[float, float]:
+def seconds_per_image(
+    model: nn.Module, batches: DeviceBatches, dtype: torch.dtype | None = None
+) -> tuple[float, float]:
     """A training step and a validation forward pass of a copy of `model` on up to 128 images,
     each timed after one warm-up: enough to tell minutes from hours (smaller batches cost more per
     image). Returns (training, validation) seconds per image."""
@@ -65,10 +68,12 @@ def seconds_per_image(model: nn.Module, batches: DeviceBatches) -> tuple[float, 
     images, labels = images[:128], labels[:128]
     for _ in range(2):
         started = time.perf_counter()
-        nn.functional.cross_entropy(probe(images), labels).backward()
+        with autocast(batches.device, dtype):
+            loss = nn.functional.cross_entropy(probe(images), labels)
+        loss.backward()
     training = (time.perf_counter() - started) / len(labels)
     probe.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(batches.device, dtype):
         for _ in range(2):
             started = time.perf_counter()
             probe(images)
@@ -90,18 +95,23 @@ def announce_training(prepared: Prepared, recipe: TrainConfig, first_epoch: int)
     """The line before training: what runs where, with which batch and learning rate, and on a CPU
     how long it will take (training and validation)."""
     config = prepared.config
+    dtype = autocast_dtype(prepared.device, config.precision)
     epochs = config.epochs - first_epoch
     train_images, val_images = len(prepared.splits.train), len(prepared.splits.val)
     line = (
-        f"training {config.model} on {prepared.device}: {train_images:,} images "
+        f"training {config.model} on {prepared.device}"
+        f"{' in bfloat16' if dtype else ''}: {train_images:,} images "
         f"({val_images:,} for validation), {epochs} epoch{'s' * (epochs != 1)}, "
         f"{recipe_note(config, recipe, train_images)}"
     )
     if prepared.device.type != "cpu":
         print(f"{line}; the first epoch gives the ETA", file=sys.stderr, flush=True)
         return
-    training, validation = seconds_per_image(prepared.model, prepared.train_batches)
-    estimate = epochs * (training * prepared.train_batches.num_images + validation * val_images)
+    training, validation = seconds_per_image(prepared.model, prepared.train_batches, dtype)
+    passes = 2 if config.tta else 1
+    estimate = epochs * (
+        training * prepared.train_batches.num_images + passes * validation * val_images
+    )
     print(f"{line}; about {format_duration(estimate)}", file=sys.stderr, flush=True)
     if estimate > 3600:
         print(

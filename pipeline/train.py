@@ -11,7 +11,14 @@ import torch
 
 from pipeline.config import TrainConfig, config_to_params, dump_yaml
 from pipeline.data import has_test_set
-from pipeline.loop import CHANCE_P_VALUE, EpochCallback, FitState, above_chance_p_value, fit
+from pipeline.loop import (
+    CHANCE_P_VALUE,
+    EpochCallback,
+    FitState,
+    above_chance_p_value,
+    autocast_dtype,
+    fit,
+)
 from pipeline.model_logging import log_classifier
 from pipeline.prepare import Prepared, prepare_training
 from pipeline.progress import EpochProgress, announce_training, format_duration
@@ -54,6 +61,7 @@ def log_training_inputs(prepared: Prepared, recipe: TrainConfig) -> None:
         {
             "architecture": config.model,
             "device": str(prepared.device),
+            "precision": "bf16" if autocast_dtype(prepared.device, config.precision) else "fp32",
             "data_source": prepared.data.source,
         }
     )
@@ -167,6 +175,7 @@ def run_train(config: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> T
             prepared.splits.std,
             prepared.data.class_names,
             prepared.splits.val.images[0],
+            tta=prepared.config.tta,
         )
         mlflow.log_metrics(
             {

@@ -38,7 +38,9 @@ def test_redirected_train_prints_a_plan_one_line_per_epoch_and_a_summary(trackin
         *("train", "--model", "cnn", "--data-dir", "synthetic", "--epochs", "3", "--width", "8"),
         *("--max-train-images", "256", "--experiment-name", tracking),
     )
-    assert re.search(r"training cnn on \w+: 256 images \(300 for validation\), 3 epochs", output)
+    assert re.search(
+        r"training cnn on \w+( in bfloat16)?: 256 images \(300 for validation\), 3 epochs", output
+    )
     epochs = re.findall(
         r"^epoch (\d)/3  train_loss [\d.]+  val_accuracy [\d.]+  .*ETA", output, re.M
     )

@@ -17,8 +17,16 @@ from pipeline.config import ConfigError, EvaluateConfig, resolve_train_config
 from pipeline.data import BadDataError, load_test_set
 from pipeline.evaluate import run_evaluate
 from pipeline.imaging import encode_png
-from pipeline.loop import NonFiniteLossError, fit, select_device
-from pipeline.models import model_names
+from pipeline.loop import (
+    NonFiniteLossError,
+    autocast_dtype,
+    fit,
+    make_optimizer,
+    make_scheduler,
+    select_device,
+)
+from pipeline.model_logging import default_tta
+from pipeline.models import build_model, model_names
 from pipeline.prepare import prepare_training
 from pipeline.train import run_train
 from tests.conftest import write_cifar_dir, write_image_tree, write_jpeg_folder
@@ -492,3 +500,70 @@ def test_fastnet_whitens_from_its_data_resumes_bit_identically_and_evaluates(tra
         EvaluateConfig(model_uri=trained.model_uri, data_dir=str(data_256), gradcam_per_class=1)
     )
     assert 0 <= evaluated.metrics["test_accuracy"] <= 1
+
+
+def test_bias_lr_factor_speeds_up_normalization_biases_through_the_schedule():
+    """airbench's bias scaler: batch-norm biases at 64x the learning rate, all along the one-cycle
+    schedule, with the same weight decay per step as every other weight; the recipe's momentum
+    holds all along (one-cycle does not cycle it)."""
+    config = resolve_train_config({"model": "fastnet", "width": 8, "bias_lr_factor": 64})
+    model = build_model("fastnet", config.options)
+    optimizer = make_optimizer(model, config, config.lr)
+    scheduler = make_scheduler(optimizer, config, config.lr, total_steps=40)
+    weights, biases = optimizer.param_groups
+    norm_biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert {id(p) for p in biases["params"]} == {id(p) for p in norm_biases}
+    assert len(weights["params"]) + len(biases["params"]) == sum(
+        p.requires_grad for p in model.parameters()
+    )
+    assert config.optimizer == "sgd" and config.schedule == "onecycle"
+    for _ in range(25):
+        assert weights["momentum"] == biases["momentum"] == config.momentum
+        assert biases["lr"] == pytest.approx(64 * weights["lr"])
+        assert biases["lr"] * biases["weight_decay"] == pytest.approx(
+            weights["lr"] * weights["weight_decay"]
+        )
+        optimizer.step()
+        scheduler.step()
+    plain = resolve_train_config({"model": "fastnet", "width": 8, "bias_lr_factor": 1})
+    assert len(make_optimizer(model, plain, plain.lr).param_groups) == 1
+
+
+def test_precision_is_chosen_recorded_and_trains_in_both(tracking):
+    assert autocast_dtype(torch.device("cpu"), "fp32") is None
+    assert autocast_dtype(torch.device("cpu"), "bf16") is torch.bfloat16
+    settings = {"data_dir": "synthetic", "epochs": 2, "width": 8, "max_train_images": 256}
+    for precision in ("fp32", "bf16"):
+        result = run_train(tiny_config(tracking, precision=precision, **settings))
+        run = mlflow.get_run(result.run_id)
+        assert run.data.tags["precision"] == precision
+        assert result.best_val_accuracy > 0.2  # synthetic classes are easy; chance is 0.1
+
+
+def test_flip_tta_is_the_same_in_validation_evaluate_and_the_served_model(tracking, data_256):
+    """A model trained with `tta` reports the validation accuracy that its served form, by default
+    with flip TTA, gives on the same images; evaluate uses it unless told otherwise."""
+    config = tiny_config(
+        tracking, model="fastnet", data_dir=str(data_256), epochs=1, width=8, tta=True,
+        precision="fp32",
+    )  # fmt: skip
+    trained = run_train(config)
+    model = mlflow.pyfunc.load_model(trained.model_uri)
+    assert default_tta(model) is True
+    val = prepare_training(config).splits.val
+    frame = pd.DataFrame({"image": [encode_png(image) for image in val.images]})
+    default = np.stack(model.predict(frame)["probabilities"])
+    flipped = np.stack(model.predict(frame, params={"tta": True})["probabilities"])
+    plain = np.stack(model.predict(frame, params={"tta": False})["probabilities"])
+    np.testing.assert_allclose(default, flipped)
+    assert not np.allclose(default, plain)
+    served_accuracy = float((default.argmax(axis=1) == val.labels).mean())
+    assert served_accuracy == pytest.approx(trained.best_val_accuracy, abs=1 / len(val))
+    evaluated = run_evaluate(
+        EvaluateConfig(model_uri=trained.model_uri, data_dir=str(data_256), gradcam_per_class=0)
+    )
+    evaluate_run = mlflow.get_run(evaluated.run_id)
+    assert evaluate_run.info.run_name.startswith("evaluate-tta")
+    assert evaluate_run.data.params["tta"] == "True"
+    written_back = mlflow.get_run(trained.run_id).data.metrics
+    assert written_back["test_accuracy_tta"] == evaluated.metrics["test_accuracy"]
