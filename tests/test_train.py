@@ -304,12 +304,10 @@ def train_command(experiment: str, **options) -> list[str]:
     ]
 
 
-def run_folders(root: Path, experiment: str) -> list[Path]:
-    """The artifact folders of the experiment's runs."""
+def experiment_folder(root: Path, experiment: str) -> Path | None:
+    """Where the experiment's runs keep their artifacts; None until the experiment exists."""
     found = mlflow.get_experiment_by_name(experiment)
-    if found is None:
-        return []
-    return [p for p in (root / "mlruns" / found.experiment_id).glob("*/artifacts") if p.is_dir()]
+    return None if found is None else root / "mlruns" / found.experiment_id
 
 
 def checkpoint_copy(pid: int) -> tuple[Path, Path] | None:
@@ -346,6 +344,7 @@ def kill_at(moment: str, process: subprocess.Popen, root: Path, experiment: str,
     }.get(moment)
     delay = {"before_first_checkpoint": (0, 0.05), "mid_epoch": (0.05, 0.4)}.get(moment, (0, 0))
     deadline = time.monotonic() + 240
+    experiment_dir = None  # looked up once: a tracking query per poll would let the moment slip by
     while time.monotonic() < deadline and process.poll() is None:
         if moment == "during_checkpoint_upload":
             copy = checkpoint_copy(process.pid)
@@ -354,7 +353,8 @@ def kill_at(moment: str, process: subprocess.Popen, root: Path, experiment: str,
                 process.wait()
                 return copy[1].parts[-5] if is_short(copy) else None
         else:
-            folders = run_folders(root, experiment)
+            experiment_dir = experiment_dir or experiment_folder(root, experiment)
+            folders = list(experiment_dir.glob("*/artifacts")) if experiment_dir else []
             if folders and reached(folders[0]):
                 time.sleep(rng.uniform(*delay))
                 process.kill()
