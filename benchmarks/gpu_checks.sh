@@ -7,7 +7,8 @@
 #     bash benchmarks/gpu_checks.sh [FULL_SET] [RECIPE ...]
 #
 # FULL_SET defaults to ../shared/data/cifar10-jpeg/train.tar.gz. Wheels in .whl/ (for a machine
-# without MLflow) are installed into /tmp/site first (airbench among them for the side by side).
+# without MLflow) are installed into /tmp/site first (airbench among them for the side by side:
+# PyPI has only its source, so build its wheel first, `pip wheel --no-deps -w .whl airbench`).
 # GPU_CHECKS="airbench", "accuracy" or "throughput" runs one part only.
 set -uo pipefail
 cd "$(dirname "$0")/.."

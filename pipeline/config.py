@@ -66,6 +66,7 @@ class TrainConfig:
     cutout: int = 0
     tta: bool = False
     bias_lr_factor: float = 1.0
+    lookahead_steps: int = 0
     precision: str = "auto"
     patience: int = 0
     # The model's own options (pipeline/models.py declares them with defaults); every one is filled.
@@ -94,6 +95,11 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}.")
         if self.max_train_images < 0:
             raise ConfigError("max_train_images must be 0 (all images) or a positive count.")
+        if self.lookahead_steps < 0:
+            raise ConfigError(
+                f"lookahead_steps must be 0 (off) or a step count such as 5, "
+                f"got {self.lookahead_steps}."
+            )
         if self.bias_lr_factor <= 0:
             raise ConfigError(f"bias_lr_factor must be positive, got {self.bias_lr_factor}.")
         choices = {
@@ -410,7 +416,10 @@ OPTION_HELP = {
     "resume_run_id": "continue this killed or failed train run where it stopped",
     "config": "a YAML file of train parameters (e.g. tune's best_config.yaml) over the model's",
     "width": "cnn: channels of the first conv block (then 2x, 4x); fastnet: of the first block "
-    "(then 2x, 2x)",
+    "(then width_multiplier x, twice)",
+    "lookahead_steps": "every this many steps the weights move to their running average, "
+    "whose decay grows towards the end of training (airbench's lookahead: 5; 0 = off)",
+    "width_multiplier": "fastnet: channels of blocks 2 and 3 over the first's (2; airbench94: 4)",
     "head_scale": "fastnet: factor on the logits (small: a gentle start at a high learning rate)",
     "hidden_units": "cnn: width of the hidden fully connected layer",
     "dropout": "dropout before the classifier layers (cnn, vgg16_*)",

@@ -138,6 +138,42 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class Lookahead:
+    """Lookahead weights as airbench uses them: every `every` steps (and at the last) the running
+    average takes a step towards the weights and the weights are set to it. Its decay grows with
+    the cube of progress to 0.95**every, so early training is untouched and the low-learning-rate
+    end is averaged over many steps (a smoother minimum, a little more accuracy at no cost)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        every: int,
+        total_steps: int,
+        average: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.every = every
+        self.total_steps = total_steps
+        # The model's own tensors (its state dict shares their storage), parameters and running
+        # statistics alike: training updates them in place.
+        self.weights = {
+            name: value for name, value in model.state_dict().items() if value.is_floating_point()
+        }
+        self.average = {  # a checkpoint's average was loaded onto the CPU
+            name: (average[name] if average else value).to(value.device, copy=True)
+            for name, value in self.weights.items()
+        }
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """`step`: steps taken in this phase so far (the scheduler's count, restored on resume)."""
+        if step % self.every and step != self.total_steps:
+            return
+        decay = 0.95**self.every * (step / self.total_steps) ** 3
+        for name, weights in self.weights.items():
+            self.average[name].lerp_(weights, 1 - decay)
+            weights.copy_(self.average[name])
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: DeviceBatches,
@@ -146,6 +182,7 @@ def train_one_epoch(
     loss_fn: nn.Module,
     epoch: int,
     dtype: torch.dtype | None = None,
+    lookahead: Lookahead | None = None,
 ) -> dict[str, float]:
     """One pass over the shuffled, augmented split; statistics stay on the device until the end."""
     model.train()
@@ -168,6 +205,8 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if lookahead is not None:
+            lookahead.after_step(scheduler.last_epoch)
         step_losses[step] = loss.detach()
         correct += (logits.argmax(dim=1) == labels).sum()
     finite = torch.isfinite(step_losses)
@@ -259,7 +298,14 @@ def learning_problem(
     return None
 
 
-def save_checkpoint(path: Path, state: FitState, model: nn.Module, optimizer, scheduler) -> None:
+def save_checkpoint(
+    path: Path,
+    state: FitState,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    lookahead: Lookahead | None = None,
+) -> None:
     """Write then rename, so a crash mid-write never leaves a broken checkpoint behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".tmp")
@@ -269,6 +315,7 @@ def save_checkpoint(path: Path, state: FitState, model: nn.Module, optimizer, sc
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "lookahead": lookahead.average if lookahead else None,
         },
         partial,
     )
@@ -308,18 +355,22 @@ def fit(
             continue
         set_frozen(model, architecture, is_frozen(architecture, phase.start, config.freeze_epochs))
         optimizer = make_optimizer(model, config, phase.lr)
-        scheduler = make_scheduler(
-            optimizer, config, phase.lr, (phase.end - phase.start) * len(train_batches)
-        )
+        total_steps = (phase.end - phase.start) * len(train_batches)
+        scheduler = make_scheduler(optimizer, config, phase.lr, total_steps)
+        average = None
         if resume_from and state.next_epoch > phase.start:
             optimizer.load_state_dict(resume_from["optimizer"])
             scheduler.load_state_dict(resume_from["scheduler"])
+            average = resume_from.get("lookahead")
+        lookahead = None
+        if config.lookahead_steps:
+            lookahead = Lookahead(model, config.lookahead_steps, total_steps, average)
         for epoch in range(state.next_epoch, phase.end):
             torch.manual_seed(epoch_seed(config.seed, epoch))
             train_batches.set_epoch(epoch)
             epoch_started = time.perf_counter()
             metrics = train_one_epoch(
-                step_model, train_batches, optimizer, scheduler, loss_fn, epoch, dtype
+                step_model, train_batches, optimizer, scheduler, loss_fn, epoch, dtype, lookahead
             )
             train_seconds = time.perf_counter() - epoch_started
             metrics |= evaluate_batches(step_model, val_batches, config.tta, dtype)
@@ -351,7 +402,7 @@ def fit(
             if checkpoint_path is not None and (
                 last_epoch or now - last_checkpoint >= config.checkpoint_seconds
             ):
-                save_checkpoint(checkpoint_path, state, model, optimizer, scheduler)
+                save_checkpoint(checkpoint_path, state, model, optimizer, scheduler, lookahead)
                 written, last_checkpoint = checkpoint_path, time.perf_counter()
             for callback in callbacks:
                 callback(epoch, metrics, written)

@@ -127,3 +127,24 @@ def test_every_benchmark_still_starts(script):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage:" in result.stdout
+
+
+def test_airbench_is_given_our_split_in_its_own_format(tmp_path):
+    """benchmarks/vs_airbench.py: airbench loads `train.pt`/`test.pt` as uint8 NHWC images, int64
+    labels and class names; they must hold exactly the images `train` trains and validates on."""
+    import torch
+
+    from benchmarks.vs_airbench import write_airbench_data
+    from pipeline.data import load_training_set, make_splits
+    from tests.conftest import write_image_tree
+
+    tree = write_image_tree(tmp_path / "folder", per_class=20)
+    write_airbench_data(str(tree), tmp_path / "cifar10")
+    splits = make_splits(load_training_set(str(tree)), val_fraction=0.1, seed=0)
+    for name, part in (("train.pt", splits.train), ("test.pt", splits.val)):
+        data = torch.load(tmp_path / "cifar10" / name, weights_only=True)
+        assert data["images"].dtype == torch.uint8 and data["images"].shape[1:] == (32, 32, 3)
+        assert data["labels"].dtype == torch.int64
+        assert torch.equal(data["images"], torch.from_numpy(part.images))
+        assert data["labels"].tolist() == part.labels.tolist()
+        assert data["classes"] == ["cat", "dog", "frog"]

@@ -18,6 +18,7 @@ from pipeline.data import BadDataError, load_test_set
 from pipeline.evaluate import run_evaluate
 from pipeline.imaging import encode_png
 from pipeline.loop import (
+    Lookahead,
     NonFiniteLossError,
     autocast_dtype,
     fit,
@@ -483,9 +484,11 @@ def test_a_three_class_folder_of_real_images_learns_with_the_defaults(
 
 
 def test_fastnet_whitens_from_its_data_resumes_bit_identically_and_evaluates(tracking, data_256):
+    """With lookahead every 5 steps, which falls mid-epoch, so the average must be resumed too."""
     settings = {"model": "fastnet", "data_dir": "synthetic", "epochs": 3, "width": 16,
-                "max_train_images": 384, "checkpoint_seconds": 0}  # fmt: skip
+                "max_train_images": 384, "checkpoint_seconds": 0, "lookahead_steps": 5}  # fmt: skip
     prepared = prepare_training(tiny_config(tracking, **settings))
+    assert len(prepared.train_batches) % 5
     whitening = prepared.model.whiten.weight.detach().clone()
     assert not whitening.requires_grad and whitening.abs().sum() > 0
     fit(prepared.model, "fastnet", prepared.train_batches, prepared.val_batches, prepared.config)
@@ -500,6 +503,24 @@ def test_fastnet_whitens_from_its_data_resumes_bit_identically_and_evaluates(tra
         EvaluateConfig(model_uri=trained.model_uri, data_dir=str(data_256), gradcam_per_class=1)
     )
     assert 0 <= evaluated.metrics["test_accuracy"] <= 1
+
+
+def test_lookahead_averages_little_early_and_much_late_and_ends_on_the_average():
+    model = torch.nn.Linear(2, 1)
+    lookahead = Lookahead(model, every=2, total_steps=5)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight += 1
+    lookahead.after_step(1)  # between updates: untouched
+    torch.testing.assert_close(model.weight, start + 1)
+    lookahead.after_step(2)  # early: decay 0.95**2 * (2/5)**3, the weights barely move back
+    torch.testing.assert_close(model.weight, start + 1 - 0.95**2 * 0.4**3)
+    average = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight += 1
+    lookahead.after_step(5)  # the last step, though not a multiple of 2: decay 0.95**2
+    torch.testing.assert_close(model.weight, average + 1 - 0.95**2)
+    torch.testing.assert_close(lookahead.average["weight"], model.weight.detach())
 
 
 def test_bias_lr_factor_speeds_up_normalization_biases_through_the_schedule():
