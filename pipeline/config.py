@@ -419,7 +419,7 @@ OPTION_HELP = {
     "(then width_multiplier x, twice)",
     "lookahead_steps": "every this many steps the weights move to their running average, "
     "whose decay grows towards the end of training (airbench's lookahead: 5; 0 = off)",
-    "width_multiplier": "fastnet: channels of blocks 2 and 3 over the first's (2; airbench94: 4)",
+    "width_multiplier": "fastnet: channels of blocks 2 and 3 over the first's (its recipe: 3; airbench94: 4)",
     "head_scale": "fastnet: factor on the logits (small: a gentle start at a high learning rate)",
     "hidden_units": "cnn: width of the hidden fully connected layer",
     "dropout": "dropout before the classifier layers (cnn, vgg16_*)",
