@@ -142,7 +142,8 @@ class Lookahead:
     """Lookahead weights as airbench uses them: every `every` steps (and at the last) the running
     average takes a step towards the weights and the weights are set to it. Its decay grows with
     the cube of progress to 0.95**every, so early training is untouched and the low-learning-rate
-    end is averaged over many steps (a smoother minimum, a little more accuracy at no cost)."""
+    end is averaged over many steps. airbench counts it among its speed-ups; on fastnet's CPU recipe
+    it made no measurable difference (benchmarks/RESULTS.md), so no recipe turns it on."""
 
     def __init__(
         self,
