@@ -44,6 +44,11 @@ def run_recipe(recipe: str, data_dir: str) -> dict:
     return {"recipe": recipe, "rc": returncode, "command_seconds": round(wall, 1)} | summarize(run)
 
 
+def first_epoch_at(accuracy: list[float], threshold: float) -> int | None:
+    """The index of the first epoch whose validation accuracy reached `threshold`, if any."""
+    return next((i for i, value in enumerate(accuracy) if value >= threshold), None)
+
+
 def summarize(run: mlflow.entities.Run) -> dict:
     client = mlflow.MlflowClient()
     history = {
@@ -56,7 +61,7 @@ def summarize(run: mlflow.entities.Run) -> dict:
     accuracy, elapsed = history["val_accuracy"], history["elapsed_seconds"]
     reached = {}
     for threshold in THRESHOLDS:
-        epoch = next((i for i, value in enumerate(accuracy) if value >= threshold), None)
+        epoch = first_epoch_at(accuracy, threshold)
         reached[f"seconds_to_{threshold:.2f}"] = None if epoch is None else round(elapsed[epoch], 1)
         reached[f"epoch_to_{threshold:.2f}"] = None if epoch is None else epoch + 1
     train_images = run.data.metrics["train_images"]

@@ -24,7 +24,7 @@ from pathlib import Path
 import mlflow
 import torch
 
-from benchmarks.time_to_accuracy import emit, run_recipe
+from benchmarks.time_to_accuracy import emit, first_epoch_at, run_recipe
 from pipeline.data import load_training_set, make_splits
 
 
@@ -67,16 +67,8 @@ def time_airbench(variant: str, workdir: Path) -> dict:
 def compare_with(reference: dict, line: dict) -> dict:
     """Our seconds to 94% and to airbench94's own accuracy (on the JPEG copy it may end below
     94%), each over airbench94's seconds."""
-    reached = next(
-        (
-            seconds
-            for accuracy, seconds in zip(
-                line["val_accuracy_per_epoch"], line["elapsed_per_epoch"], strict=True
-            )
-            if accuracy >= reference["val_accuracy"]
-        ),
-        None,
-    )
+    epoch = first_epoch_at(line["val_accuracy_per_epoch"], reference["val_accuracy"])
+    reached = None if epoch is None else line["elapsed_per_epoch"][epoch]
     ratio = {"seconds_to_airbench94_accuracy": reached}
     for name, seconds in (("0.94", line.get("seconds_to_0.94")), ("airbench94_accuracy", reached)):
         ratio[f"ratio_to_airbench94_at_{name}"] = (
