@@ -203,14 +203,15 @@ def tune_command(tracking: str, space: str, storage: str, **options) -> list[str
     ]  # fmt: skip
 
 
-def test_a_killed_workers_trial_run_is_ended_by_the_next_worker(tracking, space, storage):
+def test_a_killed_workers_trial_run_is_ended_by_the_next_worker(tracking, space, storage, tmp_path):
     """Worker A is SIGKILLed mid-trial. Once its heartbeat is stale (3 s here), worker B fails the
     trial, tags A's trial run with the retry and runs the retry itself; A's runs end KILLED (on
     the same machine B finds A's process gone before Optuna does; on another, by the heartbeat)."""
-    worker_a = subprocess.Popen(
-        tune_command(tracking, space, storage, epochs=500),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    log_a = tmp_path / "worker_a.log"
+    with log_a.open("w") as log:  # kept for the failure message: what A said before its kill
+        worker_a = subprocess.Popen(
+            tune_command(tracking, space, storage, epochs=500), stdout=log, stderr=log
+        )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         trials = mlflow.search_runs(
@@ -232,7 +233,9 @@ def test_a_killed_workers_trial_run_is_ended_by_the_next_worker(tracking, space,
     runs = mlflow.search_runs(experiment_names=[tracking])
     killed = runs[runs["tags.optuna_trial"] == "0"].iloc[0]
     retry = runs[runs["tags.optuna_trial"] == "1"].iloc[0]
-    assert killed["status"] == "KILLED" and killed["tags.retried_in_trial"] == "1"
+    worker_a_said = log_a.read_text()[-3000:]
+    assert killed["status"] == "KILLED", (killed.get("tags.error"), worker_a_said)
+    assert killed["tags.retried_in_trial"] == "1", worker_a_said
     assert killed["tags.killed_reason"]
     assert retry["status"] == "FINISHED" and retry["tags.retry_of_trial"] == "0"
     assert (runs["status"] != "RUNNING").all(), runs[["tags.mlflow.runName", "status"]]
