@@ -17,9 +17,9 @@ from pathlib import Path
 
 import mlflow
 
-from pipeline.cifar_batches import BATCH_DIR, write_batch
 from pipeline.config import EvaluateConfig, resolve_train_config
-from pipeline.data import load_training_set, stratified_split
+from pipeline.data.cifar_batches import BATCH_DIR, write_batch
+from pipeline.data.sources import load_training_set, stratified_split
 from pipeline.evaluate import run_evaluate
 from pipeline.train import run_train
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import mlflow
 
-from pipeline.cifar_batches import BATCH_DIR, write_batch, write_meta
 from pipeline.config import EvaluateConfig, resolve_train_config
-from pipeline.data import make_synthetic
+from pipeline.data.cifar_batches import BATCH_DIR, write_batch, write_meta
+from pipeline.data.sources import make_synthetic
 from pipeline.evaluate import run_evaluate
 from pipeline.train import run_train
 

@@ -23,8 +23,14 @@ import mlflow
 import numpy as np
 
 from benchmarks.time_to_accuracy import emit, run_recipe
-from pipeline.cifar_batches import BATCH_DIR, TRAIN_BATCHES, read_batch, write_batch, write_meta
-from pipeline.data import load_training_set
+from pipeline.data.cifar_batches import (
+    BATCH_DIR,
+    TRAIN_BATCHES,
+    read_batch,
+    write_batch,
+    write_meta,
+)
+from pipeline.data.sources import load_training_set
 
 # Mean absolute difference (of 255) below which a JPEG is taken as the same picture: the README
 # of the JPEG copy gives 3-7 levels on average; different pictures differ by 36 or more.

@@ -20,8 +20,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from pipeline.data import channel_stats, load_training_set
-from pipeline.loader import Augmentation, DeviceBatches
+from pipeline.data.sources import channel_stats, load_training_set
+from pipeline.training.loader import Augmentation, DeviceBatches
 
 SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-subset"
 

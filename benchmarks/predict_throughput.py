@@ -25,9 +25,9 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from pipeline.classifier import predict_in_chunks
 from pipeline.config import PredictConfig, resolve_train_config
-from pipeline.decoding import decode_image
+from pipeline.model.classifier import predict_in_chunks
+from pipeline.model.decoding import decode_image
 from pipeline.predict import run_predict
 from pipeline.train import run_train
 

@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from pipeline.data import load_test_set
-from pipeline.imaging import encode_png
-from pipeline.lineage import PROJECT_ROOT
+from pipeline.data.sources import load_test_set
+from pipeline.model.imaging import encode_png
+from pipeline.tracking.lineage import PROJECT_ROOT
 from registry.server import TOKEN_ENV, hardened_command, serve_command, wait_until_serving
 
 MODEL_URI = "models:/cifar10-resnet@champion"

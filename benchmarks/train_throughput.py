@@ -18,10 +18,10 @@ import json
 import torch
 
 from pipeline.config import PRECISIONS, resolve_train_config
-from pipeline.data import make_synthetic
-from pipeline.loop import autocast_dtype, fit
-from pipeline.models import get_spec, model_names
-from pipeline.prepare import prepare_training
+from pipeline.data.sources import make_synthetic
+from pipeline.model.architectures import get_spec, model_names
+from pipeline.training.loop import autocast_dtype, fit
+from pipeline.training.prepare import prepare_training
 
 
 def measure(

@@ -44,8 +44,8 @@ import torch
 from optuna.distributions import distribution_to_json, json_to_distribution
 
 from pipeline.config import TuneConfig
-from pipeline.data import load_training_set
-from pipeline.loop import select_device
+from pipeline.data.sources import load_training_set
+from pipeline.training.loop import select_device
 from pipeline.tune import make_objective, make_pruner, make_sampler
 
 SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-subset"

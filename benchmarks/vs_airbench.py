@@ -25,7 +25,7 @@ import mlflow
 import torch
 
 from benchmarks.time_to_accuracy import emit, first_epoch_at, run_recipe
-from pipeline.data import load_training_set, make_splits
+from pipeline.data.sources import load_training_set, make_splits
 
 
 def write_airbench_data(data_dir: str, folder: Path) -> None:

@@ -32,7 +32,7 @@ from pipeline.config import (
     resolve_train_config,
 )
 from pipeline.errors import PipelineError
-from pipeline.models import option_owners
+from pipeline.model.architectures import option_owners
 
 CONFIGS: dict[str, type] = {
     "preprocess": PreprocessConfig,
@@ -86,7 +86,11 @@ def option_help(name: str) -> str:
     if name in OPTION_HELP:
         return OPTION_HELP[name]
     owners = option_owners().get(name)
-    return f"{', '.join(owners)}: a constructor option (pipeline/models.py)" if owners else ""
+    return (
+        f"{', '.join(owners)}: a constructor option (pipeline/model/architectures.py)"
+        if owners
+        else ""
+    )
 
 
 def add_options(parser: argparse.ArgumentParser, stage: str, names: Sequence[str]) -> None:
@@ -170,7 +174,7 @@ def dispatch(args: argparse.Namespace) -> None:
     make_config, target = STAGES[args.stage]
     config = make_config(given_options(args))
     if args.stage != "serve":
-        from pipeline.tracking import prepare_tracking_store
+        from pipeline.tracking.runs import prepare_tracking_store
 
         prepare_tracking_store()
     module, function = target.split(":")

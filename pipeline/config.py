@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import yaml
 
 from pipeline.errors import PipelineError
+from pipeline.model.micro_batcher import MICRO_BATCH_DEFAULTS
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 
@@ -69,7 +70,7 @@ class TrainConfig:
     lookahead_steps: int = 0
     precision: str = "auto"
     patience: int = 0
-    # The model's own options (pipeline/models.py declares them with defaults); every one is filled.
+    # The model's own options (pipeline/model/architectures.py declares them with defaults); every one is filled.
     options: dict[str, Any] = field(default_factory=dict)
     pretrained: bool = False
     weights_path: str | None = None
@@ -228,8 +229,8 @@ class ServeConfig:
     max_body_mb: float = 16.0
     max_json_depth: int = 32
     timeout_s: int = 60
-    max_batch_images: int = 256
-    batch_wait_ms: float = 2.0
+    max_batch_images: int = MICRO_BATCH_DEFAULTS["max_batch_images"]
+    batch_wait_ms: float = MICRO_BATCH_DEFAULTS["batch_wait_ms"]
 
     def __post_init__(self) -> None:
         for name in ("port", "workers", "max_json_depth", "timeout_s", "max_batch_images"):
@@ -331,14 +332,14 @@ def resolve_train_config(overrides: Mapping[str, Any]) -> TrainConfig:
     )
 
 
-# The recipe values that `pipeline/recipes.py:scaled_to_data` may adapt to the training-set size.
+# The recipe values that `pipeline/training/recipes.py:scaled_to_data` may adapt to the training-set size.
 SCALED_FIELDS = ("batch_size", "lr")
 
 
 def train_config_from(model: str, *layers: Mapping[str, Any]) -> TrainConfig:
     """Flat layers (YAML files, parameters, a logged config.yaml) -> a TrainConfig: the names that
     `model` declares as options go to `options`, coerced to the type of their default."""
-    from pipeline.models import get_spec, option_owners
+    from pipeline.model.architectures import get_spec, option_owners
 
     declared = get_spec(model).options
     owners = option_owners()

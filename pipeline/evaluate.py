@@ -25,15 +25,14 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from pipeline.classifier import predict_in_chunks
 from pipeline.config import EvaluateConfig, config_to_params
-from pipeline.data import BadDataError, load_test_set
+from pipeline.data.image_set import ImageSet
+from pipeline.data.sources import BadDataError, load_test_set
 from pipeline.errors import PipelineError
-from pipeline.imaging import ImageSet
-from pipeline.loader import normalize
-from pipeline.model_logging import default_tta
-from pipeline.models import gradcam_target_layer
-from pipeline.tracking import (
+from pipeline.model.architectures import gradcam_target_layer, normalize
+from pipeline.model.classifier import predict_in_chunks
+from pipeline.tracking.model_logging import default_tta
+from pipeline.tracking.runs import (
     describe_run,
     load_logged_model,
     log_dataset,

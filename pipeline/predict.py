@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.classifier import IMAGE_COLUMN
 from pipeline.config import ConfigError, PredictConfig, config_to_params
-from pipeline.image_folder import is_archive, unpacked_archive
-from pipeline.model_logging import default_tta
-from pipeline.tracking import (
+from pipeline.data.image_folder import is_archive, unpacked_archive
+from pipeline.model.classifier import IMAGE_COLUMN
+from pipeline.tracking.model_logging import default_tta
+from pipeline.tracking.runs import (
     load_logged_model,
     log_lineage,
     log_resolved_params,

@@ -12,15 +12,15 @@ import mlflow
 import numpy as np
 
 from pipeline.config import PreprocessConfig, config_to_params
-from pipeline.data import (
+from pipeline.data.image_set import ImageSet
+from pipeline.data.sources import (
     DataUnavailableError,
     checked,
     duplicate_counts,
     make_splits,
     read_split,
 )
-from pipeline.imaging import ImageSet
-from pipeline.tracking import (
+from pipeline.tracking.runs import (
     log_dataset,
     log_figure,
     log_json,

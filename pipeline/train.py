@@ -10,19 +10,9 @@ import mlflow
 import torch
 
 from pipeline.config import TrainConfig, config_to_params, dump_yaml
-from pipeline.data import has_test_set
-from pipeline.loop import (
-    CHANCE_P_VALUE,
-    EpochCallback,
-    FitState,
-    above_chance_p_value,
-    autocast_dtype,
-    fit,
-)
-from pipeline.model_logging import log_classifier
-from pipeline.prepare import Prepared, prepare_training
-from pipeline.progress import EpochProgress, announce_training, format_duration
-from pipeline.resume import (
+from pipeline.data.sources import has_test_set
+from pipeline.tracking.model_logging import log_classifier
+from pipeline.tracking.resume import (
     CHECKPOINT_FILE,
     delete_checkpoints,
     load_resume_checkpoint,
@@ -30,7 +20,7 @@ from pipeline.resume import (
     mlflow_epoch_logger,
     stored_config,
 )
-from pipeline.tracking import (
+from pipeline.tracking.runs import (
     describe_run,
     log_dataset,
     log_json,
@@ -41,6 +31,16 @@ from pipeline.tracking import (
     source_name,
     stage_run,
 )
+from pipeline.training.loop import (
+    CHANCE_P_VALUE,
+    EpochCallback,
+    FitState,
+    above_chance_p_value,
+    autocast_dtype,
+    fit,
+)
+from pipeline.training.prepare import Prepared, prepare_training
+from pipeline.training.progress import EpochProgress, announce_training, format_duration
 
 
 def log_training_inputs(prepared: Prepared, recipe: TrainConfig) -> None:

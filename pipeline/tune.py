@@ -38,13 +38,11 @@ from pipeline.config import (
     read_yaml,
     resolve_train_config,
 )
-from pipeline.data import load_training_set, make_splits
-from pipeline.imaging import ImageSet
-from pipeline.loop import fit
-from pipeline.models import get_spec
-from pipeline.prepare import prepare_training
-from pipeline.resume import mlflow_epoch_logger
-from pipeline.tracking import (
+from pipeline.data.image_set import ImageSet
+from pipeline.data.sources import load_training_set, make_splits
+from pipeline.model.architectures import get_spec
+from pipeline.tracking.resume import mlflow_epoch_logger
+from pipeline.tracking.runs import (
     first_use_lock,
     log_figure,
     log_lineage,
@@ -53,6 +51,8 @@ from pipeline.tracking import (
     process_tags,
     stage_run,
 )
+from pipeline.training.loop import fit
+from pipeline.training.prepare import prepare_training
 
 SEARCH_SPACES_DIR = EXPERIMENTS_DIR / "search_spaces"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

@@ -3,7 +3,7 @@
 As in MLflow's multistep example, each step runs through `mlflow.projects.run`. A step is reused
 only when a finished run of it consumed exactly what it would consume now: the same content of every
 data split, the same resolved config and the same code (commit and uncommitted changes), as
-pipeline/lineage.py records them; otherwise its line says which of these changed. Rerunning `main`
+pipeline/tracking/lineage.py records them; otherwise its line says which of these changed. Rerunning `main`
 after a failure resumes at the failed step. `force_rerun=true` runs everything again.
 """
 
@@ -31,7 +31,8 @@ from pipeline.config import (
     config_to_params,
     resolve_train_config,
 )
-from pipeline.data import (
+from pipeline.data.image_set import ImageSet
+from pipeline.data.sources import (
     canonical_source,
     has_test_set,
     load_test_set,
@@ -39,8 +40,7 @@ from pipeline.data import (
     make_splits,
 )
 from pipeline.errors import PipelineError
-from pipeline.imaging import ImageSet
-from pipeline.lineage import (
+from pipeline.tracking.lineage import (
     CODE_TAG,
     PROJECT_ROOT,
     changed_parts,
@@ -49,8 +49,8 @@ from pipeline.lineage import (
     identity_config,
     logged_identity,
 )
-from pipeline.progress import format_duration
-from pipeline.tracking import print_summary, source_name, stage_run
+from pipeline.tracking.runs import print_summary, source_name, stage_run
+from pipeline.training.progress import format_duration
 
 INPUTS_TAG = "main.inputs"
 PREPROCESS_KEYS = ("data_dir", "val_fraction", "seed", "download", "skip_bad_images")
@@ -58,7 +58,7 @@ PREPROCESS_KEYS = ("data_dir", "val_fraction", "seed", "download", "skip_bad_ima
 
 @dataclass
 class Step:
-    """One step as `main` will run it: its parameters, and the identity (pipeline/lineage.py) a
+    """One step as `main` will run it: its parameters, and the identity (pipeline/tracking/lineage.py) a
     finished run must have recorded to be reused; None when that cannot be known here."""
 
     entry_point: str

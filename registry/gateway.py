@@ -43,8 +43,8 @@ from prometheus_client import (
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from pipeline.classifier import check_image_count
-from pipeline.decoding import InvalidImageError
+from pipeline.model.classifier import check_image_count
+from pipeline.model.decoding import InvalidImageError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -19,12 +19,12 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from scipy.stats import binomtest
 
-from pipeline.classifier import predict_in_chunks
 from pipeline.config import PromoteConfig, config_to_params
+from pipeline.data.image_set import ImageSet
 from pipeline.errors import PipelineError
-from pipeline.imaging import ImageSet
-from pipeline.lineage import CODE_TAG, DATA_TAG, DIRTY_TAG
-from pipeline.tracking import (
+from pipeline.model.classifier import predict_in_chunks
+from pipeline.tracking.lineage import CODE_TAG, DATA_TAG, DIRTY_TAG
+from pipeline.tracking.runs import (
     log_json,
     log_lineage,
     log_resolved_params,

@@ -4,7 +4,7 @@
 
 Each entry point takes every field of its config (not `experiment_name`: that is
 `mlflow run --experiment-name`); `train` and `main` also take every model option that
-pipeline/models.py declares, so a new architecture's options appear here by rerunning this. `train` and `main` leave every default empty, meaning "from
+pipeline/model/architectures.py declares, so a new architecture's options appear here by rerunning this. `train` and `main` leave every default empty, meaning "from
 experiments/<model>.yaml or the config file"; the other entry points show the dataclass default.
 """
 

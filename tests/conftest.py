@@ -10,9 +10,9 @@ import mlflow
 import pytest
 from PIL import Image
 
-from pipeline.cifar_batches import BATCH_DIR, write_batch, write_meta
-from pipeline.data import make_synthetic
-from pipeline.image_folder import CACHE_ENV
+from pipeline.data.cifar_batches import BATCH_DIR, write_batch, write_meta
+from pipeline.data.image_folder import CACHE_ENV
+from pipeline.data.sources import make_synthetic
 
 REAL_SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-subset"
 

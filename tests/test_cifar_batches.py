@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cifar_batches import BATCH_DIR, UnsafePickleError
-from pipeline.data import load_training_set
+from pipeline.data.cifar_batches import BATCH_DIR, UnsafePickleError
+from pipeline.data.sources import load_training_set
 from tests.conftest import write_cifar_dir
 
 

@@ -15,7 +15,7 @@ LOAD_AND_RELEASE = textwrap.dedent(
     """
     import gc, json, sys, threading
     import mlflow, numpy as np, pandas as pd
-    from pipeline.imaging import encode_png
+    from pipeline.model.imaging import encode_png
 
     calls = []
     sys.addaudithook(

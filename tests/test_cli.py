@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.cli import CONFIGS, MAIN_OPTIONS, stage_options
 from pipeline.config import OPTION_HELP
-from pipeline.models import option_owners
+from pipeline.model.architectures import option_owners
 from tests.conftest import write_cifar_dir, write_image_tree
 
 

@@ -84,7 +84,7 @@ def test_a_model_declares_its_own_options_and_no_other_model_takes_them():
 def test_a_new_architecture_with_one_option_needs_only_its_constructor(monkeypatch):
     from torch import nn
 
-    from pipeline import models
+    from pipeline.model import architectures as models
 
     def toy(num_classes: int = 10, depth: int = 2) -> nn.Module:
         return nn.Sequential(nn.Flatten(), *[nn.LazyLinear(8) for _ in range(depth)])

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import cifar_batches, data
-from pipeline.cifar_batches import (
+from pipeline.data import cifar_batches
+from pipeline.data import sources as data
+from pipeline.data.cifar_batches import (
     BATCH_DIR,
     DataIntegrityError,
     DataUnavailableError,
@@ -19,7 +20,7 @@ from pipeline.cifar_batches import (
     md5sum,
     write_batch,
 )
-from pipeline.data import (
+from pipeline.data.sources import (
     channel_stats,
     duplicate_counts,
     load_test_set,
@@ -77,7 +78,7 @@ def test_offline_error_names_directory_url_and_both_fixes(tmp_path, monkeypatch)
 
 def test_cli_exits_nonzero_with_message_not_traceback(tmp_path):
     script = (
-        "import sys; from pipeline import cifar_batches; cifar_batches.CIFAR10_URL = sys.argv[1]; "
+        "import sys; from pipeline.data import cifar_batches; cifar_batches.CIFAR10_URL = sys.argv[1]; "
         "from pipeline.cli import main; main(['preprocess'])"  # the default data_dir downloads
     )
     result = subprocess.run(

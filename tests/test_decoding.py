@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.decoding import MAX_IMAGE_PIXELS, InvalidImageError, decode_image
-from pipeline.imaging import encode_png
+from pipeline.model.decoding import MAX_IMAGE_PIXELS, InvalidImageError, decode_image
+from pipeline.model.imaging import encode_png
 
 
 def encoded(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
-from pipeline.classifier import predict_probabilities
 from pipeline.config import EvaluateConfig, resolve_train_config
-from pipeline.data import DataUnavailableError, load_test_set
+from pipeline.data.sources import DataUnavailableError, load_test_set
 from pipeline.evaluate import classification_metrics, expected_calibration_error, run_evaluate
+from pipeline.model.classifier import predict_probabilities
 from pipeline.train import run_train
 from tests.conftest import write_cifar_dir
 from tests.test_preprocess import artifact_paths

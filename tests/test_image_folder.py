@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data import BadDataError, load_test_set, load_training_set
-from pipeline.decoding import decode_image
-from pipeline.image_folder import UnsafeArchiveError, unpack
+from pipeline.data.image_folder import UnsafeArchiveError, unpack
+from pipeline.data.sources import BadDataError, load_test_set, load_training_set
+from pipeline.model.decoding import decode_image
 from tests.conftest import write_image_tree
 
 CLASSES = ("cat", "dog", "frog")

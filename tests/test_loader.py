@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from pipeline.data import channel_stats, make_synthetic
-from pipeline.loader import Augmentation, DeviceBatches, random_crop, random_cutout
+from pipeline.data.sources import channel_stats, make_synthetic
+from pipeline.training.loader import Augmentation, DeviceBatches, random_crop, random_cutout
 
 IMAGES = make_synthetic(64, seed=0)
 MEAN, STD = channel_stats(IMAGES.images)

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from pipeline.micro_batcher import MicroBatcher
+from pipeline.model.micro_batcher import MicroBatcher
 
 
 class RecordingForward:

@@ -5,7 +5,7 @@ import torch
 from torchvision import models as tv_models
 
 from pipeline.config import EXPERIMENTS_DIR
-from pipeline.models import (
+from pipeline.model.architectures import (
     WeightsUnavailableError,
     build_model,
     gradcam_target_layer,

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from pipeline.config import ConfigError, PredictConfig, resolve_train_config
-from pipeline.image_folder import UnsafeArchiveError
+from pipeline.data.image_folder import UnsafeArchiveError
 from pipeline.predict import run_predict
 from pipeline.train import run_train
 from tests.conftest import write_image_tree

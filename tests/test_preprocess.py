@@ -5,9 +5,9 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipeline.cifar_batches import BATCH_DIR, DataIntegrityError, read_batch, write_batch
 from pipeline.config import PreprocessConfig
-from pipeline.data import BadDataError
+from pipeline.data.cifar_batches import BATCH_DIR, DataIntegrityError, read_batch, write_batch
+from pipeline.data.sources import BadDataError
 from pipeline.preprocess import run_preprocess
 from tests.conftest import write_cifar_dir, write_image_tree
 

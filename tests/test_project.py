@@ -14,7 +14,7 @@ import yaml
 
 from pipeline.cli import CONFIGS, MAIN_EXTRA, build_parser
 from pipeline.config import TrainConfig, coerce
-from pipeline.models import option_owners
+from pipeline.model.architectures import option_owners
 from scripts.write_mlproject import mlproject_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +135,7 @@ def test_airbench_is_given_our_split_in_its_own_format(tmp_path):
     import torch
 
     from benchmarks.vs_airbench import write_airbench_data
-    from pipeline.data import load_training_set, make_splits
+    from pipeline.data.sources import load_training_set, make_splits
     from tests.conftest import write_image_tree
 
     tree = write_image_tree(tmp_path / "folder", per_class=20)

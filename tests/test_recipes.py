@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.config import resolve_train_config
-from pipeline.recipes import MIN_STEPS_PER_EPOCH, scaled_to_data
+from pipeline.training.recipes import MIN_STEPS_PER_EPOCH, scaled_to_data
 
 
 def test_a_recipe_scales_its_batch_and_lr_to_a_small_training_set_only():

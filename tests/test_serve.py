@@ -21,11 +21,11 @@ import pytest
 import requests
 from PIL import Image
 
-from pipeline.classifier import MAX_IMAGES_PER_REQUEST
 from pipeline.config import EvaluateConfig, PromoteConfig, resolve_train_config
-from pipeline.data import BadDataError, load_test_set
+from pipeline.data.sources import BadDataError, load_test_set
 from pipeline.evaluate import run_evaluate
-from pipeline.imaging import encode_png
+from pipeline.model.classifier import MAX_IMAGES_PER_REQUEST
+from pipeline.model.imaging import encode_png
 from pipeline.train import run_train
 from registry.promote import run_promote
 from registry.server import TOKEN_ENV, hardened_command, serve_command, wait_until_serving

@@ -12,7 +12,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from pipeline.imaging import encode_png
+from pipeline.model.imaging import encode_png
 from registry.server import serve_command, wait_until_serving
 from scripts.team_stack import StackSettings, client_env, down, s3_client, up
 from tests.test_serve import free_port, images_request, post

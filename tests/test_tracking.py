@@ -13,7 +13,7 @@ import mlflow
 import optuna
 import pytest
 
-from pipeline.tracking import stage_run
+from pipeline.tracking.runs import stage_run
 
 ROUNDS, PROCESSES = 3, 3
 
@@ -61,7 +61,7 @@ def test_tune_workers_opening_a_fresh_optuna_file_together_all_succeed(tmp_path,
 
 HOLD_A_RUN = """
 import sys, time
-from pipeline.tracking import stage_run
+from pipeline.tracking.runs import stage_run
 with stage_run(sys.argv[1], "held") as run:
     print(run.info.run_id, flush=True)
     time.sleep(600)

@@ -14,10 +14,13 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, EvaluateConfig, resolve_train_config
-from pipeline.data import BadDataError, load_test_set
+from pipeline.data.sources import BadDataError, load_test_set
 from pipeline.evaluate import run_evaluate
-from pipeline.imaging import encode_png
-from pipeline.loop import (
+from pipeline.model.architectures import build_model, model_names
+from pipeline.model.imaging import encode_png
+from pipeline.tracking.model_logging import default_tta
+from pipeline.train import run_train
+from pipeline.training.loop import (
     Lookahead,
     NonFiniteLossError,
     autocast_dtype,
@@ -26,10 +29,7 @@ from pipeline.loop import (
     make_scheduler,
     select_device,
 )
-from pipeline.model_logging import default_tta
-from pipeline.models import build_model, model_names
-from pipeline.prepare import prepare_training
-from pipeline.train import run_train
+from pipeline.training.prepare import prepare_training
 from tests.conftest import write_cifar_dir, write_image_tree, write_jpeg_folder
 
 EPOCH_METRICS = {

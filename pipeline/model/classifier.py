@@ -22,21 +22,13 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from pipeline.config import ServeConfig
-from pipeline.decoding import InvalidImageError, decode_image
-from pipeline.imaging import encode_png
-from pipeline.loader import normalize
-from pipeline.micro_batcher import MicroBatcher
-from pipeline.models import build_model, class_probabilities
+from pipeline.model.architectures import build_model, class_probabilities, normalize
+from pipeline.model.decoding import InvalidImageError, decode_image
+from pipeline.model.imaging import encode_png
+from pipeline.model.micro_batcher import MICRO_BATCH_DEFAULTS, MicroBatcher
 
 IMAGE_COLUMN = "image"
 MAX_IMAGES_PER_REQUEST = 1024
-# Micro-batching, overridden at load time by model_config: the serve entry point's parameters, or
-# MLFLOW_PYFUNC_INFERENCE_CONFIG='{"max_batch_images": 1}' for `mlflow models serve`. 1 turns it off.
-MICRO_BATCH_DEFAULTS = {
-    "max_batch_images": ServeConfig.max_batch_images,
-    "batch_wait_ms": ServeConfig.batch_wait_ms,
-}
 
 
 def check_image_count(count: int) -> None:

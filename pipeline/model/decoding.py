@@ -17,7 +17,7 @@ import PIL
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.imaging import to_rgb_32
+from pipeline.model.imaging import to_rgb_32
 
 MAX_IMAGE_PIXELS = 4096 * 4096
 SUPPORTED_FORMATS = ("PNG", "JPEG")

@@ -14,7 +14,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 from pipeline.config import ConfigError, TrainConfig, train_config_from
-from pipeline.loop import EpochCallback
+from pipeline.training.loop import EpochCallback
 
 CHECKPOINT_FILE = "last.pt"
 

@@ -13,6 +13,10 @@ from typing import Any
 
 import numpy as np
 
+# Overridden at load time by model_config: the serve entry point's parameters, or
+# MLFLOW_PYFUNC_INFERENCE_CONFIG='{"max_batch_images": 1}' for `mlflow models serve`. 1 turns it off.
+MICRO_BATCH_DEFAULTS = {"max_batch_images": 256, "batch_wait_ms": 2.0}
+
 # (the built model, uint8 NHWC images, flip TTA) -> one row of probabilities per image
 Forward = Callable[[Any, np.ndarray, bool], np.ndarray]
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.model.architectures import normalize
+
 
 @dataclass(frozen=True)
 class Augmentation:
@@ -23,22 +25,6 @@ class Augmentation:
 
 
 NO_AUGMENTATION = Augmentation(crop_padding=0, flip=False, cutout=0)
-
-
-def normalize(
-    images: torch.Tensor,
-    mean: Sequence[float] | torch.Tensor,
-    std: Sequence[float] | torch.Tensor,
-    dtype=torch.float32,
-) -> torch.Tensor:
-    """uint8 NCHW -> normalized float NCHW.
-
-    Pass `mean`/`std` as tensors already on the device in a training loop: building them from Python
-    floats is a blocking host-to-device copy, which would stall the GPU once per batch.
-    """
-    mean_t = torch.as_tensor(mean, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
-    std_t = torch.as_tensor(std, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
-    return (images.to(dtype) - mean_t) / std_t
 
 
 def random_crop(padded: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:

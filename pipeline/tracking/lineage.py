@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # What decides what a stage computes; an edit elsewhere (README, tests, benchmarks) reuses runs.
 CODE_PATHS = ("pipeline", "registry", "experiments", "MLproject", "pyproject.toml", "conda.yaml")
 DATA_TAG = "lineage.data."

@@ -7,7 +7,7 @@ MLflow and data code.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,6 +215,22 @@ def fit_whitening(model: nn.Module, images: torch.Tensor, eps: float = 5e-4) -> 
 
 
 register("fastnet", init_from_data=fit_whitening)(FastNet)
+
+
+def normalize(
+    images: torch.Tensor,
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
+    dtype=torch.float32,
+) -> torch.Tensor:
+    """uint8 NCHW -> normalized float NCHW.
+
+    Pass `mean`/`std` as tensors already on the device in a training loop: building them from Python
+    floats is a blocking host-to-device copy, which would stall the GPU once per batch.
+    """
+    mean_t = torch.as_tensor(mean, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    std_t = torch.as_tensor(std, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    return (images.to(dtype) - mean_t) / std_t
 
 
 def class_probabilities(model: nn.Module, images: torch.Tensor, tta: bool = False) -> torch.Tensor:

@@ -21,9 +21,9 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
 from pipeline.config import ConfigError
-from pipeline.data import SYNTHETIC, Splits, load_training_set, make_splits
-from pipeline.imaging import ImageSet
-from pipeline.lineage import (
+from pipeline.data.image_set import ImageSet
+from pipeline.data.sources import SYNTHETIC, Splits, load_training_set, make_splits
+from pipeline.tracking.lineage import (
     CODE_TAG,
     DATA_TAG,
     DIRTY_TAG,
@@ -265,7 +265,7 @@ def log_dataset(data: ImageSet, context: str) -> None:
 
 
 def log_lineage(data: dict[str, ImageSet], params: dict[str, Any]) -> None:
-    """Record what this stage consumed (pipeline/lineage.py): tags to match on, `lineage.json` to
+    """Record what this stage consumed (pipeline/tracking/lineage.py): tags to match on, `lineage.json` to
     read."""
     commit, dirty = code_state()
     mlflow.set_tags(identity({split: s.digest for split, s in data.items()}, params))

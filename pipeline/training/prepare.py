@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
-from pipeline.data import Splits, load_training_set, make_splits
-from pipeline.imaging import ImageSet
-from pipeline.loader import Augmentation, DeviceBatches, normalize
-from pipeline.loop import select_device
-from pipeline.models import build_model, get_spec
-from pipeline.recipes import scaled_to_data
+from pipeline.data.image_set import ImageSet
+from pipeline.data.sources import Splits, load_training_set, make_splits
+from pipeline.model.architectures import build_model, get_spec, normalize
+from pipeline.training.loader import Augmentation, DeviceBatches
+from pipeline.training.loop import select_device
+from pipeline.training.recipes import scaled_to_data
 
 
 @dataclass

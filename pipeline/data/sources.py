@@ -1,9 +1,9 @@
 """Where images come from, chosen in one place from `data_dir`, and how they are split.
 
 Readers, each yielding the same `ImageSet` (uint8 NHWC, labels, class names, source, content digest):
-- an image-folder tree or an archive of one (`pipeline/image_folder.py`);
+- an image-folder tree or an archive of one (`pipeline/data/image_folder.py`);
 - a directory in the official python layout, complete or partial, read without a checksum check,
-  or else the official archive downloaded into it, md5 verified (`pipeline/cifar_batches.py`);
+  or else the official archive downloaded into it, md5 verified (`pipeline/data/cifar_batches.py`);
 - `synthetic`: a small generated set that a network can learn, for tests and demos.
 
 What a reader could not use (an unreadable file, an empty class folder, a test class that training
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from pipeline.cifar_batches import (
+from pipeline.data.cifar_batches import (
     CLASS_NAMES,
     META_FILE,
     TEST_BATCH,
@@ -30,14 +30,15 @@ from pipeline.cifar_batches import (
     load_cifar_batches,
     locate_batches,
 )
-from pipeline.image_folder import (
+from pipeline.data.image_folder import (
     folder_splits,
     is_archive,
     looks_like_image_folder,
     read_image_folder,
     say,
 )
-from pipeline.imaging import IMAGE_SHAPE, ImageSet
+from pipeline.data.image_set import ImageSet
+from pipeline.model.imaging import IMAGE_SHAPE
 
 SYNTHETIC = "synthetic"
 DEFAULT_DATA_DIR = "data"

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.imaging import IMAGE_SHAPE, ImageSet
+from pipeline.data.image_set import ImageSet
+from pipeline.model.imaging import IMAGE_SHAPE
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"

@@ -25,8 +25,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from pipeline.cifar_batches import DataIntegrityError
-from pipeline.imaging import IMAGE_SHAPE, ImageSet, to_rgb_32
+from pipeline.data.cifar_batches import DataIntegrityError
+from pipeline.data.image_set import ImageSet
+from pipeline.model.imaging import IMAGE_SHAPE, to_rgb_32
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 MAX_MEMBER_BYTES = 64 * 2**20

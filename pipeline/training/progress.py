@@ -13,10 +13,10 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.config import TrainConfig
-from pipeline.loader import DeviceBatches
-from pipeline.loop import autocast, autocast_dtype
-from pipeline.prepare import Prepared
-from pipeline.recipes import MIN_STEPS_PER_EPOCH
+from pipeline.training.loader import DeviceBatches
+from pipeline.training.loop import autocast, autocast_dtype
+from pipeline.training.prepare import Prepared
+from pipeline.training.recipes import MIN_STEPS_PER_EPOCH
 
 
 def format_duration(seconds: float) -> str:

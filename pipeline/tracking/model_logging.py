@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,10 +19,13 @@ from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types.schema import AnyType, Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-from pipeline.classifier import IMAGE_COLUMN, MICRO_BATCH_DEFAULTS
-from pipeline.imaging import encode_png
+from pipeline.model.classifier import IMAGE_COLUMN
+from pipeline.model.imaging import encode_png
+from pipeline.model.micro_batcher import MICRO_BATCH_DEFAULTS
 
-PIPELINE_DIR = Path(__file__).resolve().parent
+PIPELINE_DIR = Path(__file__).resolve().parents[1]
+# What the served model imports: the `pipeline.model` package and the error base it raises from.
+SERVED_CODE = ("__init__.py", "errors.py", "model")
 OUTPUT_SCHEMA = Schema(
     [
         ColSpec(DataType.long, "label"),
@@ -54,6 +58,19 @@ def default_tta(model: mlflow.pyfunc.PyFuncModel) -> bool:
     return bool(defaults.get("tta", False))
 
 
+def served_code(destination: Path) -> Path:
+    """A `pipeline` folder holding only what the served model imports, to log as its code."""
+    target = destination / "pipeline"
+    target.mkdir(parents=True)
+    for name in SERVED_CODE:
+        source = PIPELINE_DIR / name
+        if source.is_dir():
+            shutil.copytree(source, target / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target / name)
+    return target
+
+
 def log_classifier(
     model: torch.nn.Module,
     architecture: str,
@@ -65,7 +82,8 @@ def log_classifier(
     tta: bool = False,
 ) -> ModelInfo:
     """Log `model` under the artifact name `model` in the active run, with everything to serve it.
-    The model carries the `pipeline` package as its code, nothing of `registry/`."""
+    The model carries `pipeline/model/` (and the error base) as its code: no training, tracking or
+    serving code travels with it."""
     meta = {
         "architecture": architecture,
         "options": options,
@@ -79,11 +97,12 @@ def log_classifier(
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
         meta_path = Path(tmp) / "meta.json"
         meta_path.write_text(json.dumps(meta, indent=2))
+        code = served_code(Path(tmp) / "code")
         return mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(PIPELINE_DIR / "classifier_entry.py"),
+            python_model=str(code / "model" / "classifier_entry.py"),
             artifacts={"weights": str(weights), "meta": str(meta_path)},
-            code_paths=[str(PIPELINE_DIR)],
+            code_paths=[str(code)],
             signature=classifier_signature(tta),
             model_config=MICRO_BATCH_DEFAULTS,
             input_example=pd.DataFrame({IMAGE_COLUMN: [encode_png(example_image)]}),

@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError
-from pipeline.loader import DeviceBatches, epoch_seed
-from pipeline.models import class_probabilities, get_spec, is_frozen, set_frozen
+from pipeline.model.architectures import class_probabilities, get_spec, is_frozen, set_frozen
+from pipeline.training.loader import DeviceBatches, epoch_seed
 
 # Called after every epoch with (epoch, metrics, the checkpoint written this epoch or None); it may
 # raise to stop training (Optuna pruning does).

@@ -3,6 +3,6 @@ stored or unpickled (MLflow's "models from code")."""
 
 from mlflow.models import set_model
 
-from pipeline.classifier import CifarClassifier
+from pipeline.model.classifier import CifarClassifier
 
 set_model(CifarClassifier())
