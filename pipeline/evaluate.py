@@ -235,7 +235,9 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     """The `evaluate` entry point. The test metrics are also written back to the training run, but only
     when they come from the test split of the data that run was trained on. `tta` unset means the
     model's own default (what its validation used)."""
-    with stage_run(config.experiment_name, f"evaluate · {source_name(config.data_dir)}") as run:
+    with stage_run(
+        "evaluate", config.experiment_name, f"evaluate · {source_name(config.data_dir)}"
+    ) as run:
         model = load_logged_model(config.model_uri)
         requested = config_to_params(config)  # the step's identity for `main`, as it was asked
         if config.tta is None:

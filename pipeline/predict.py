@@ -249,7 +249,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
     model's own default."""
     output = Path(config.output).expanduser().resolve()
     with stage_run(
-        config.experiment_name, f"predict-{config.engine} · {source_name(config.input)}"
+        "predict", config.experiment_name, f"predict-{config.engine} · {source_name(config.input)}"
     ) as run:
         started = time.perf_counter()
         model = load_logged_model(config.model_uri)

@@ -111,7 +111,9 @@ class PreprocessResult:
 def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
     """The `preprocess` entry point. Unusable files are logged first, then fail the run unless
     `skip_bad_images`."""
-    with stage_run(config.experiment_name, f"preprocess · {source_name(config.data_dir)}") as run:
+    with stage_run(
+        "preprocess", config.experiment_name, f"preprocess · {source_name(config.data_dir)}"
+    ) as run:
         log_resolved_params(config_to_params(config))
         data, test, problems = read_sets(config)
         names = data.class_names

@@ -41,18 +41,16 @@ from pipeline.config import (
 from pipeline.data.image_set import ImageSet
 from pipeline.data.sources import load_training_set, make_splits
 from pipeline.model.architectures import get_spec
-from pipeline.tracking.resume import mlflow_epoch_logger
 from pipeline.tracking.runs import (
     first_use_lock,
     log_figure,
     log_lineage,
     log_resolved_params,
     print_summary,
-    process_tags,
     stage_run,
 )
-from pipeline.training.loop import fit
-from pipeline.training.prepare import prepare_training
+from pipeline.tracking.training_run import TrainingRun, training_run
+from pipeline.training.loop import WatchdogFinding
 
 SEARCH_SPACES_DIR = EXPERIMENTS_DIR / "search_spaces"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -237,68 +235,72 @@ def record_outcome(trial: optuna.Trial, state: str, epochs_spent: int) -> None:
 
 def make_objective(config: TuneConfig, space: Mapping, data: ImageSet, parent_run_id: str):
     def objective(trial: optuna.Trial) -> float:
-        train_config = trial_config(config, suggest(trial, space))
-        with mlflow.start_run(
+        """The trial's value. A pruned trial's run ends FINISHED, tagged PRUNED: pruning is how a
+        study is meant to work, not an error."""
+        recipe = trial_config(config, suggest(trial, space))
+        with training_run(
+            recipe,
+            stage="tune trial",
             run_name=trial_name(trial.number, trial.params),
-            nested=True,
             parent_run_id=parent_run_id,
         ) as run:
-            trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+            trial.set_user_attr(RUN_ID_ATTR, run.run_id)
             if retry_of := EndRunThenRetry.retry_history(frozen(trial))[-1:]:
                 mlflow.set_tag("retry_of_trial", retry_of[0])
-            mlflow.log_params(config_to_params(train_config))
-            mlflow.set_tags(
-                {
-                    "optuna_study": trial.study.study_name,
-                    "optuna_trial": trial.number,
-                    "architecture": train_config.model,
-                    **process_tags(),
-                }
-            )
+            mlflow.set_tags({"optuna_study": trial.study.study_name, "optuna_trial": trial.number})
             twin = finished_twin(trial)
-            if twin is not None:
-                mlflow.set_tag("duplicate_of", twin.number)
-                record_outcome(trial, twin.state.name, 0)
-                if twin.state == TrialState.PRUNED:
-                    raise optuna.TrialPruned(f"same parameters as pruned trial {twin.number}")
-                mlflow.log_metric("best_val_accuracy", twin.value)
-                return twin.value
-            prepared = prepare_training(train_config, data)
-            log_resolved_params(config_to_params(prepared.config))  # resolved.* where scaled
-            epochs_spent = [0]
-
-            def report(epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
-                # After the last epoch pruning saves nothing and would throw the result away.
-                epochs_spent[0] = epoch + 1
-                trial.report(metrics["val_accuracy"], epoch)
-                if epoch + 1 < train_config.epochs and trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
-
-            def prune_not_learning(problem: str) -> None:
-                mlflow.set_tag("watchdog", problem.split(":")[0])
-                raise optuna.TrialPruned(f"watchdog: {problem}")
-
-            try:
-                state = fit(
-                    prepared.model,
-                    train_config.model,
-                    prepared.train_batches,
-                    prepared.val_batches,
-                    prepared.config,
-                    callbacks=[mlflow_epoch_logger(), report],
-                    on_problem=prune_not_learning,
-                )
-            except optuna.TrialPruned:
-                record_outcome(trial, "PRUNED", epochs_spent[0])
-                raise
-            except Exception:
-                record_outcome(trial, "FAIL", epochs_spent[0])
-                raise
-            record_outcome(trial, "COMPLETE", epochs_spent[0])
-            mlflow.log_metric("best_val_accuracy", state.best_val_accuracy)
-            return state.best_val_accuracy
+            outcome = (
+                twin_outcome(trial, twin, recipe)
+                if twin is not None
+                else train_trial(trial, run, recipe, data)
+            )
+        if isinstance(outcome, optuna.TrialPruned):
+            raise outcome
+        return outcome
 
     return objective
+
+
+def twin_outcome(
+    trial: optuna.Trial, twin: FrozenTrial, recipe: TrainConfig
+) -> float | optuna.TrialPruned:
+    """A repeat of a finished trial ends as it did, at no cost."""
+    mlflow.log_params(config_to_params(recipe))
+    mlflow.set_tag("duplicate_of", twin.number)
+    record_outcome(trial, twin.state.name, 0)
+    if twin.state == TrialState.PRUNED:
+        return optuna.TrialPruned(f"same parameters as pruned trial {twin.number}")
+    mlflow.log_metric("best_val_accuracy", twin.value)
+    return twin.value
+
+
+def train_trial(
+    trial: optuna.Trial, run: TrainingRun, recipe: TrainConfig, data: ImageSet
+) -> float | optuna.TrialPruned:
+    """Train one trial in its open run, reporting each epoch to the pruner."""
+    run.prepare(data)
+    epochs_spent = [0]
+
+    def report(epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        # After the last epoch pruning saves nothing and would throw the result away.
+        epochs_spent[0] = epoch + 1
+        trial.report(metrics["val_accuracy"], epoch)
+        if epoch + 1 < recipe.epochs and trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
+
+    def prune_not_learning(finding: WatchdogFinding) -> None:
+        raise optuna.TrialPruned(f"watchdog: {finding}")
+
+    try:
+        state = run.fit([report], on_finding=[prune_not_learning], checkpoints=False)
+    except optuna.TrialPruned as pruned:
+        record_outcome(trial, "PRUNED", epochs_spent[0])
+        return pruned
+    except Exception:
+        record_outcome(trial, "FAIL", epochs_spent[0])
+        raise
+    record_outcome(trial, "COMPLETE", epochs_spent[0])
+    return run.finish(state, log_model=False).best_val_accuracy
 
 
 def print_trial(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -352,7 +354,7 @@ def optimize(config: TuneConfig) -> TuneResult:
     space = load_search_space(config)
     storage = config.storage or default_storage()
     study_name = study_name_of(config)
-    with stage_run(config.experiment_name, f"tune-{study_name}") as run:
+    with stage_run("tune", config.experiment_name, f"tune · {study_name}") as run:
         log_resolved_params(
             config_to_params(config) | {"storage": storage, "study_name": study_name}
         )

@@ -211,7 +211,9 @@ def run_main(options: dict[str, Any]) -> dict[str, str]:
     source = config.data_dir
     steps: dict[str, str] = {}
     started = time.perf_counter()
-    with stage_run(experiment_name, f"main · {config.model} · {source_name(source)}") as run:
+    with stage_run(
+        "main", experiment_name, f"main · {config.model} · {source_name(source)}"
+    ) as run:
         experiment_id = run.info.experiment_id
         preprocess_params = {k: v for k, v in options.items() if k in PREPROCESS_KEYS}
         preprocess_config = build_config(PreprocessConfig, preprocess_params)

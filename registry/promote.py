@@ -340,7 +340,9 @@ def target_experiment_id(config: PromoteConfig, own_experiment_id: str) -> str:
 def run_promote(config: PromoteConfig) -> Decision:
     """The `promote` entry point: decide, act, and log the decision with its numbers."""
     client = mlflow.MlflowClient()
-    with stage_run(config.experiment_name, "rollback" if config.rollback else "promote") as run:
+    with stage_run(
+        "promote", config.experiment_name, "rollback" if config.rollback else "promote"
+    ) as run:
         log_resolved_params(config_to_params(config))
         log_lineage({}, config_to_params(config))
         if config.rollback:

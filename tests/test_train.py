@@ -270,6 +270,7 @@ def test_bad_images_stop_training_before_it_starts_unless_skipped(tracking, tmp_
 def test_resuming_a_run_without_a_logged_config_names_what_is_missing(tracking):
     with mlflow.start_run() as other:
         mlflow.log_param("not", "a train run")
+    mlflow.MlflowClient().set_terminated(other.info.run_id, "KILLED")  # a finished one is refused
     with pytest.raises(
         ConfigError, match=f"Cannot resume run {other.info.run_id}: it has no config"
     ):

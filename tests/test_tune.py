@@ -181,9 +181,7 @@ def test_two_workers_share_one_postgres_study(tracking, space, empty_postgres_da
     numbers = [t.number for t in study.trials]
     assert len(numbers) == len(set(numbers)) and len(numbers) >= 6
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    parents = mlflow.search_runs(
-        experiment_names=[tracking], filter_string="tags.mlflow.runName LIKE 'tune-%'"
-    )
+    parents = mlflow.search_runs(experiment_names=[tracking], filter_string="tags.stage = 'tune'")
     assert len(parents) == 2
     children = mlflow.search_runs(
         experiment_names=[tracking], filter_string="tags.optuna_trial != ''"

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import pickle
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import torch
 import yaml
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from pipeline.config import ConfigError, TrainConfig, train_config_from
+from pipeline.config import ConfigError, TrainConfig, resolve_train_config, train_config_from
+from pipeline.model.architectures import option_owners
+from pipeline.tracking.runs import STAGE_TAG, owner_is_gone
 from pipeline.training.loop import EpochCallback
 
 CHECKPOINT_FILE = "last.pt"
@@ -66,20 +70,96 @@ def delete_checkpoints(run_id: str) -> str:
     return "deleted"
 
 
-def stored_config(run_id: str) -> TrainConfig:
-    """The resolved config a run was started with (read back from its `config.yaml`)."""
-    try:
-        text = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
-    except MlflowException as error:
-        raise ConfigError(
-            f"Cannot resume run {run_id}: it has no config.yaml ({error.message.splitlines()[0]}). "
-            "Only a train run that logged its config can be resumed; start a new run instead "
-            "(leave resume_run_id empty)."
-        ) from None
-    values = yaml.safe_load(text)
+NEW_RUN_ADVICE = "start a new run instead (leave resume_run_id empty)"
+
+
+def stored_config(run: Run) -> TrainConfig | None:
+    """The resolved config a run was started with (its `config.yaml`), None where it has none."""
+    if "config.yaml" not in {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id)}:
+        return None
+    values = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config.yaml"))
     return train_config_from(
-        values.get("model", TrainConfig.model), values, {"resume_run_id": run_id}
+        values.get("model", TrainConfig.model), values, {"resume_run_id": run.info.run_id}
     )
+
+
+def entry_point_config(run: Run) -> TrainConfig | None:
+    """The config a run killed before it logged `config.yaml` would have run: its entry-point
+    parameters (as `mlflow run` logged them, "" for unset) resolved as the CLI resolves them."""
+    known = set(TrainConfig.__dataclass_fields__) | set(option_owners())
+    given = {k: v for k, v in run.data.params.items() if k in known and v != ""}
+    given.pop("resume_run_id", None)
+    if not given:
+        return None
+    return resolve_train_config(given)
+
+
+def what_resumes(run: Run) -> str | None:
+    """Why a run that is not a train run cannot be resumed, and what continues its kind of work;
+    None for a train run."""
+    tags, run_id = run.data.tags, run.info.run_id
+    if "optuna_trial" in tags:
+        return (
+            f"run {run_id} is trial {tags['optuna_trial']} of tune study "
+            f"{tags.get('optuna_study', '?')}: a trial is not resumed on its own; run tune again "
+            "with the same study_name and storage and Optuna retries it."
+        )
+    kind = tags.get(STAGE_TAG) or tags.get("mlflow.project.entryPoint")
+    if kind in (None, "train"):
+        return None
+    instead = {
+        "tune": f"run tune again with -P study_name={run.data.params.get('study_name', '<its study>')} "
+        "(and the same storage): the study continues where it stopped",
+        "main": "run main again: it reuses every finished step",
+        "evaluate": "run evaluate again with the same model_uri",
+        "predict": "run predict again with the same input and output",
+        "promote": "run promote again",
+        "preprocess": "run preprocess again",
+    }.get(kind, "run its entry point again")
+    return (
+        f"run {run_id} is a {kind} run; resume_run_id continues a train run only. To redo it, "
+        f"{instead}."
+    )
+
+
+def resumable_config(run_id: str) -> TrainConfig:
+    """The config to continue run `run_id` with, or one line that says why it must not be: it is
+    no run, not a train run, finished (its record is never rewritten), or alive in another
+    process (two writers on one run)."""
+    try:
+        run = mlflow.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(
+            f"Cannot resume {run_id}: no run with that id in {mlflow.get_tracking_uri()}. Copy "
+            "the id from the run's page (`mlflow ui`) or `mlflow runs list --experiment-id <id>`."
+        ) from None
+    if (reason := what_resumes(run)) is not None:
+        raise ConfigError(f"Cannot resume {reason}")
+    status, tags = run.info.status, run.data.tags
+    if status == "FINISHED":
+        best = run.data.metrics.get("best_val_accuracy")
+        epoch = run.data.metrics.get("best_epoch")
+        result = (
+            f"best val_accuracy {best:.4f} at epoch {int(epoch)}" if best is not None else "done"
+        )
+        raise ConfigError(
+            f"Cannot resume run {run_id}: it finished ({result}; model "
+            f"{tags.get('model_uri', 'none logged')}) and a finished run is never rewritten. "
+            f"To train again, {NEW_RUN_ADVICE}; `main` reuses finished work by itself."
+        )
+    if status == "RUNNING" and "process.pid" in tags and not owner_is_gone(tags):
+        raise ConfigError(
+            f"Cannot resume run {run_id}: it is still running in process {tags['process.pid']} "
+            f"on {tags.get('process.host', '?')}. Wait for it, or stop that process first (a "
+            "run whose process is gone is resumed)."
+        )
+    config = stored_config(run) or entry_point_config(run)
+    if config is None:
+        raise ConfigError(
+            f"Cannot resume run {run_id}: it has no config.yaml and no train parameters, so it "
+            f"holds nothing to resume from; {NEW_RUN_ADVICE}."
+        )
+    return replace(config, resume_run_id=run_id)
 
 
 def load_resume_checkpoint(run_id: str, scratch: Path) -> tuple[dict[str, Any] | None, int]:
@@ -115,13 +195,6 @@ def load_resume_checkpoint(run_id: str, scratch: Path) -> tuple[dict[str, Any] |
             or checkpoint["fit_state"]["next_epoch"] > newest["fit_state"]["next_epoch"]
         ):
             newest, newest_slot = checkpoint, index
-    if newest is None:
-        print(
-            f"run {run_id} has no checkpoint yet: training it again from epoch 1 with its logged "
-            "config",
-            file=sys.stderr,
-            flush=True,
-        )
     return newest, (1 if newest_slot == 0 else 0)
 
 

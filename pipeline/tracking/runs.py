@@ -34,6 +34,7 @@ from pipeline.tracking.lineage import (
 )
 
 DEFAULT_EXPERIMENT = "cifar10"
+STAGE_TAG = "stage"  # the entry point that made a run (train, tune, tune trial, evaluate, ...)
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -114,18 +115,23 @@ def end_orphaned_runs(experiment_id: str, current_run_id: str) -> list[str]:
 
 @contextmanager
 def stage_run(
+    stage: str,
     experiment_name: str | None,
-    run_name: str,
+    run_name: str | None,
     run_id: str | None = None,
-    nested: bool = False,
+    parent_run_id: str | None = None,
     log_system_metrics: bool = False,
 ) -> Iterator[mlflow.ActiveRun]:
     """Open (or attach to) the stage's run; a failure is tagged with its message and marks it FAILED.
+
+    A new run is tagged with its `stage` (what `resume_run_id` checks); `run_id` reopens a run
+    as it was (its name, stage and code stay on record); `parent_run_id` opens a nested run.
 
     Under `mlflow run` the run already exists (MLFLOW_RUN_ID) in the experiment chosen with
     `--experiment-name`, so the experiment is only set when this process creates the run: the one
     named, else MLflow's environment variables, else the project's own (`cifar10`), never "Default".
     """
+    nested = parent_run_id is not None
     creates_run = not run_id and not nested and not os.environ.get("MLFLOW_RUN_ID")
     chosen_by_env = os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get(
         "MLFLOW_EXPERIMENT_ID"
@@ -133,12 +139,18 @@ def stage_run(
     if creates_run and (experiment_name or not chosen_by_env):
         mlflow.set_experiment(experiment_name or DEFAULT_EXPERIMENT)
     with mlflow.start_run(
-        run_id=run_id, run_name=run_name, nested=nested, log_system_metrics=log_system_metrics
+        run_id=run_id,
+        run_name=None if run_id else run_name,
+        nested=nested,
+        parent_run_id=parent_run_id,
+        log_system_metrics=log_system_metrics,
     ) as run:
         end_orphaned_runs(run.info.experiment_id, run.info.run_id)
         mlflow.set_tags(process_tags())
         if not run_id:  # a resumed run keeps its name and the code it was started with on record
-            mlflow.set_tag("mlflow.runName", run_name)  # `mlflow run` names its runs at random
+            mlflow.set_tag(STAGE_TAG, stage)
+            if run_name:  # `mlflow run` names its runs at random
+                mlflow.set_tag("mlflow.runName", run_name)
             commit, dirty = code_state()
             mlflow.set_tags(
                 {"git_commit": commit, CODE_TAG: code_identity(), DIRTY_TAG: str(bool(dirty))}

@@ -244,6 +244,17 @@ def evaluate_batches(
     return {"val_loss": float(total_loss) / n, "val_accuracy": float(correct) / n}
 
 
+@dataclass(frozen=True)
+class WatchdogFinding:
+    """What the watchdog found: its kind (a tag value) and what a person reads (cause and fix)."""
+
+    kind: str  # "diverging" or "not learning"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+
 @dataclass
 class FitState:
     """Everything that a checkpoint must hold for a resumed run to end where an unbroken one does."""
@@ -255,7 +266,16 @@ class FitState:
     best_weights: dict[str, torch.Tensor] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
-    problem: str | None = None  # what the watchdog found, once
+    problem: WatchdogFinding | None = None  # what the watchdog found, once
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> FitState:
+        problem = saved.get("problem")
+        return cls(**saved | {"problem": WatchdogFinding(**problem) if problem else None})
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """Plain values only: a checkpoint is loaded with `weights_only=True`."""
+        return self.__dict__ | {"problem": self.problem.__dict__ if self.problem else None}
 
 
 # The watchdog: a run whose validation accuracy is still indistinguishable from chance after
@@ -274,27 +294,29 @@ def above_chance_p_value(accuracy: float, images: int, classes: int) -> float:
 
 def learning_problem(
     history: list[dict[str, float]], val_images: int, classes: int, lr: float
-) -> str | None:
+) -> WatchdogFinding | None:
     """What is wrong with a run that learns nothing, its likely cause and the fix; None if nothing."""
     epoch = len(history)
     first, last = history[0]["train_loss"], history[-1]["train_loss"]
     if epoch >= 2 and last > DIVERGED_FACTOR * first:
-        return (
-            f"diverging: the training loss rose from {first:.3f} (epoch 1) to {last:.3f} (epoch "
+        return WatchdogFinding(
+            "diverging",
+            f"the training loss rose from {first:.3f} (epoch 1) to {last:.3f} (epoch "
             f"{epoch}). Likely cause: the learning rate ({lr:.3g}) is too high for this model and "
-            f"batch size. Fix: lower it, e.g. -P lr={lr / 10:.3g}."
+            f"batch size. Fix: lower it, e.g. -P lr={lr / 10:.3g}.",
         )
     best = max(m["val_accuracy"] for m in history)
     if epoch >= WATCH_AFTER_EPOCHS:
         p_value = above_chance_p_value(best, val_images, classes)
         if p_value >= CHANCE_P_VALUE:
-            return (
-                f"not learning: after {epoch} epochs the best validation accuracy is {best:.4f}, "
+            return WatchdogFinding(
+                "not learning",
+                f"after {epoch} epochs the best validation accuracy is {best:.4f}, "
                 f"no better than chance ({1 / classes:.3f} for {classes} classes; p={p_value:.2g} "
                 f"on {val_images} images). Likely causes: a learning rate too high or too low for "
                 f"this data (lr {lr:.3g}), too few epochs, or labels that do not match the images. "
                 f"Fix: try -P lr={lr / 10:.3g} (or a larger one), more -P epochs, or check the "
-                "labels (cifar10 preprocess)."
+                "labels (cifar10 preprocess).",
             )
     return None
 
@@ -312,7 +334,7 @@ def save_checkpoint(
     partial = path.with_suffix(".tmp")
     torch.save(
         {
-            "fit_state": {**state.__dict__},
+            "fit_state": state.to_checkpoint(),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -332,7 +354,7 @@ def fit(
     callbacks: Sequence[EpochCallback] = (),
     checkpoint_path: Path | None = None,
     resume_from: dict[str, Any] | None = None,
-    on_problem: Callable[[str], None] | None = None,
+    on_problem: Callable[[WatchdogFinding], None] | None = None,
 ) -> FitState:
     """Train `model` for `config.epochs` and keep the best epoch's weights; knows nothing of MLflow.
 
@@ -342,7 +364,7 @@ def fit(
     The watchdog (`learning_problem`) reports once to `on_problem` (which may raise to stop, as
     tuning's pruning does) and, with `config.stop_if_not_learning`, ends training early.
     """
-    state = FitState(**resume_from["fit_state"]) if resume_from else FitState()
+    state = FitState.from_checkpoint(resume_from["fit_state"]) if resume_from else FitState()
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     phases = training_phases(config, get_spec(architecture).unfreeze_after_freeze_epochs)
     step_model = torch.compile(model) if config.compile else model
