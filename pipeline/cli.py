@@ -32,7 +32,7 @@ from pipeline.config import (
     resolve_train_config,
 )
 from pipeline.errors import PipelineError
-from pipeline.model.architectures import option_owners
+from pipeline.model.architectures import model_names, option_owners
 
 CONFIGS: dict[str, type] = {
     "preprocess": PreprocessConfig,
@@ -77,12 +77,14 @@ def option_defaults(stage: str) -> dict[str, str]:
     defaults = {}
     for f in dataclasses.fields(CONFIGS[stage]):
         value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        defaults[f.name] = "required" if value in ("", dataclasses.MISSING) else str(value)
+        defaults[f.name] = "required" if f.metadata.get("required") else str(value)
     return defaults
 
 
 def option_help(name: str) -> str:
     """The option's description; a model option without one names the models that take it."""
+    if name == "model":
+        return f"architecture: {', '.join(model_names())}"
     if name in OPTION_HELP:
         return OPTION_HELP[name]
     owners = option_owners().get(name)
@@ -169,9 +171,41 @@ STAGES: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
 }
 
 
+def torch_pair_problem(torch_version: str, torchvision_version: str) -> str | None:
+    """Why an installed torch and torchvision do not belong together, with the command that
+    fixes it; None when they do. torchvision 0.(N+15) is built for torch 2.N, and a CPU build
+    (`+cpu`) beside a CUDA one fails at import (`operator torchvision::nms does not exist`)."""
+    torch_base, _, torch_build = torch_version.partition("+")
+    vision_base, _, vision_build = torchvision_version.partition("+")
+    major, minor = (int(part) for part in torch_base.split(".")[:2])
+    expected = f"0.{minor + 15}"
+    same_kind = (torch_build == "cpu") == (vision_build == "cpu")  # cu121 beside PyPI's works
+    if major == 2 and vision_base.startswith(expected + ".") and same_kind:
+        return None
+    index = f" --index-url https://download.pytorch.org/whl/{torch_build}" if torch_build else ""
+    return (
+        f"torch {torch_version} and torchvision {torchvision_version} do not belong together "
+        f"(torch {torch_base} needs torchvision {expected}.x of the same build). Fix: pip install "
+        f"--force-reinstall torch=={torch_base} torchvision=={expected}.*{index}"
+    )
+
+
+def check_torch_pair() -> None:
+    """Name a broken torch / torchvision pair in one line before anything imports them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        problem = torch_pair_problem(version("torch"), version("torchvision"))
+    except (PackageNotFoundError, ValueError):
+        return  # not installed as distributions: the import itself will say what is missing
+    if problem:
+        raise PipelineError(problem)
+
+
 def dispatch(args: argparse.Namespace) -> None:
     """Build the stage's config, then import the stage (lazily, so --help and bad input answer fast)."""
     make_config, target = STAGES[args.stage]
+    check_torch_pair()
     config = make_config(given_options(args))
     if args.stage != "serve":
         from pipeline.tracking.runs import prepare_tracking_store

@@ -27,6 +27,15 @@ class ConfigError(PipelineError):
     """A config value or file a user can fix; the message says how."""
 
 
+def required() -> Any:
+    """A field the user must give (empty until then): MLproject and --help mark it required."""
+    return field(default="", metadata={"required": True})
+
+
+def is_required(config: type, name: str) -> bool:
+    return any(f.name == name and f.metadata.get("required") for f in dataclasses.fields(config))
+
+
 @dataclass
 class PreprocessConfig:
     data_dir: str = "data"
@@ -115,7 +124,7 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    model_uri: str = ""
+    model_uri: str = required()
     data_dir: str = "data"
     batch_size: int = 500
     tta: bool | None = None  # None: the model's own default (what its validation used)
@@ -172,7 +181,10 @@ class PromoteConfig:
     model_name: str = "cifar10-resnet"
     metric: str = "best_val_accuracy"
     candidate_experiment: str | None = None
-    architectures: list[str] = field(default_factory=lambda: ["resnet18", "resnet18_pretrained"])
+    # fastnet earns its place: the one architecture that trains a servable champion on a CPU.
+    architectures: list[str] = field(
+        default_factory=lambda: ["resnet18", "resnet18_pretrained", "fastnet"]
+    )
     min_delta: float = 0.0
     min_accuracy: float = 0.0
     alpha: float = 0.05
@@ -187,9 +199,9 @@ class PredictConfig:
     """Batch scoring of unlabelled images: `input` a folder (searched recursively), an archive
     or a glob; `output` a .csv or .parquet file; `engine` local or spark."""
 
-    model_uri: str = ""
-    input: str = ""
-    output: str = ""
+    model_uri: str = required()
+    input: str = required()
+    output: str = required()
     engine: str = "local"
     spark_master: str = "local[*]"
     batch_size: int = 256
@@ -377,8 +389,6 @@ def dump_yaml(values: Mapping[str, Any]) -> str:
 # What each option means, for `--help` (one text per name; the same name means the same thing in
 # every stage). The defaults come from the dataclasses above (and for train from the model's YAML).
 OPTION_HELP = {
-    "model": "architecture: cnn, fastnet, resnet18, resnet18_pretrained, vgg16_transfer, "
-    "vgg16_finetune",
     "data_dir": "image-folder tree, archive of one, official CIFAR-10 batches, or 'synthetic'; "
     "only the default 'data' downloads CIFAR-10",
     "val_fraction": "share of the training images held out (stratified) for validation",

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cli import CONFIGS, MAIN_EXTRA, MAIN_OPTIONS, stage_options
+from pipeline.config import is_required
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = """\
@@ -32,12 +33,6 @@ entry_points:
 """
 # Entry points whose defaults are all "use the config" (the model's YAML decides).
 FROM_MODEL_YAML = ("train", "main")
-REQUIRED = {
-    ("evaluate", "model_uri"),
-    ("predict", "model_uri"),
-    ("predict", "input"),
-    ("predict", "output"),
-}
 
 
 def yaml_value(value: Any) -> str:
@@ -70,7 +65,7 @@ def parameters(entry: str) -> dict[str, tuple[str, Any]]:
             result[name] = ("string", MAIN_EXTRA[name])
         elif entry in FROM_MODEL_YAML:
             result[name] = ("string", "")
-        elif (entry, name) in REQUIRED:
+        elif is_required(config, name):
             result[name] = ("string", dataclasses.MISSING)
         else:
             numeric = hints[name] in (int, float)

@@ -9,9 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipeline.cli import CONFIGS, MAIN_OPTIONS, stage_options
-from pipeline.config import OPTION_HELP
-from pipeline.model.architectures import option_owners
+from pipeline.cli import CONFIGS, MAIN_OPTIONS, option_help, stage_options
 from tests.conftest import write_cifar_dir, write_image_tree
 
 
@@ -131,7 +129,7 @@ def test_help_describes_every_option_with_its_default(tmp_path):
     assert "(cnn's recipe: 256; each model's in experiments/<model>.yaml)" in output
     for stage in [*CONFIGS, "main"]:
         names = MAIN_OPTIONS if stage == "main" else stage_options(stage)
-        undescribed = set(names) - set(OPTION_HELP) - set(option_owners())
+        undescribed = {name for name in names if not option_help(name)}
         assert not undescribed, f"{stage}: options without a description"
     assert "(required)" in run_cli(tmp_path, "predict", "--help")
 
@@ -159,3 +157,18 @@ def test_what_happens_to_the_data_is_one_line_each(tracking, tmp_path):
     again = run_cli(tmp_path, *train, *options)
     assert f"data: read 60 decoded images of {tree / 'train'} from the cache" in again
     assert "data: decoded" not in again
+
+
+def test_a_torch_and_torchvision_that_do_not_belong_together_are_named_with_the_fix():
+    from pipeline.cli import torch_pair_problem
+
+    assert torch_pair_problem("2.14.1", "0.29.1") is None
+    assert torch_pair_problem("2.14.1+cpu", "0.29.1+cpu") is None
+    assert torch_pair_problem("2.4.0+cu121", "0.19.0") is None
+    cpu_beside_cuda = torch_pair_problem("2.13.0+cpu", "0.28.0")
+    assert "torch 2.13.0+cpu and torchvision 0.28.0 do not belong together" in cpu_beside_cuda
+    assert cpu_beside_cuda.endswith(
+        "pip install --force-reinstall torch==2.13.0 torchvision==0.28.* "
+        "--index-url https://download.pytorch.org/whl/cpu"
+    )
+    assert "torchvision==0.28.*" in torch_pair_problem("2.13.0", "0.29.1")

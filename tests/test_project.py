@@ -12,8 +12,8 @@ import pytest
 import tomllib
 import yaml
 
-from pipeline.cli import CONFIGS, MAIN_EXTRA, build_parser
-from pipeline.config import TrainConfig, coerce
+from pipeline.cli import CONFIGS, MAIN_EXTRA, STAGES, build_parser
+from pipeline.config import PromoteConfig, TrainConfig, coerce
 from pipeline.model.architectures import option_owners
 from scripts.write_mlproject import mlproject_text
 
@@ -36,16 +36,7 @@ def test_mlproject_entry_points_call_the_cli_with_every_parameter():
     project = yaml.safe_load((ROOT / "MLproject").read_text())
     assert project["conda_env"] == "conda.yaml"
     entry_points = project["entry_points"]
-    assert set(entry_points) == {
-        "preprocess",
-        "train",
-        "evaluate",
-        "tune",
-        "promote",
-        "serve",
-        "predict",
-        "main",
-    }
+    assert set(entry_points) == set(STAGES)
     parser = build_parser()
     for name, entry in entry_points.items():
         command = entry["command"]
@@ -111,7 +102,9 @@ def test_main_takes_what_train_takes_with_the_same_defaults():
 
 def test_promote_entry_point_sees_both_resnets():
     default = load_entry_points()["promote"]["parameters"]["architectures"]["default"]
-    assert coerce(default, list[str], "architectures") == ["resnet18", "resnet18_pretrained"]
+    promoted = coerce(default, list[str], "architectures")
+    assert promoted == PromoteConfig().architectures
+    assert {"resnet18", "resnet18_pretrained"} <= set(promoted)
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")))
@@ -148,3 +141,38 @@ def test_airbench_is_given_our_split_in_its_own_format(tmp_path):
         assert torch.equal(data["images"], torch.from_numpy(part.images))
         assert data["labels"].tolist() == part.labels.tolist()
         assert data["classes"] == ["cat", "dog", "frog"]
+
+
+DOCUMENTS = ("README.md", "ARCHITECTURE.md", "docs/*.md", "benchmarks/RESULTS.md")
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """GitHub's anchors: headings lowercased, punctuation dropped, spaces to hyphens."""
+    return {
+        re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+        for title in re.findall(r"^#+ (.+)$", markdown, re.M)
+    }
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves():
+    broken = []
+    for pattern in DOCUMENTS:
+        for document in sorted(ROOT.glob(pattern)):
+            text = document.read_text()
+            for target in re.findall(r"\]\(([^)\s]+)\)", text):
+                if re.match(r"[a-z]+:", target):
+                    continue
+                path, _, anchor = target.partition("#")
+                linked = (document.parent / path) if path else document
+                if not linked.exists():
+                    broken.append(f"{document.relative_to(ROOT)}: {target} (no such file)")
+                elif anchor and anchor not in heading_anchors(linked.read_text()):
+                    broken.append(f"{document.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
+def test_the_readme_is_a_front_door():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    first_command = next(i for i, line in enumerate(readme.splitlines()) if line == "```bash")
+    assert first_command < 40, "the first command should be on the first screen"

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import PipelineError
 from pipeline.data.image_set import ImageSet
+from pipeline.errors import PipelineError
 from pipeline.model.imaging import IMAGE_SHAPE
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
