@@ -31,7 +31,7 @@ from pipeline.config import (
     read_yaml,
     resolve_train_config,
 )
-from pipeline.errors import PipelineError
+from pipeline.errors import Interrupted, PipelineError
 from pipeline.model.architectures import model_names, option_owners
 
 CONFIGS: dict[str, type] = {
@@ -241,6 +241,13 @@ def main(argv: list[str] | None = None) -> None:
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as interrupt:
+        said = str(interrupt) if isinstance(interrupt, Interrupted) else ""
+        print(
+            f"interrupted: {said or f'{args.stage} stopped by Ctrl-C before it saved anything'}",
+            file=sys.stderr,
+        )
+        sys.exit(130)
 
 
 if __name__ == "__main__":

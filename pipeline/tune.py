@@ -40,6 +40,7 @@ from pipeline.config import (
 )
 from pipeline.data.image_set import ImageSet
 from pipeline.data.sources import load_training_set, make_splits
+from pipeline.errors import Interrupted
 from pipeline.model.architectures import get_spec
 from pipeline.tracking.runs import (
     first_use_lock,
@@ -366,14 +367,23 @@ def optimize(config: TuneConfig) -> TuneResult:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         mlflow.log_text(dump_yaml(space), "search_space.yaml")
         started = time.perf_counter()
-        study.optimize(
-            make_objective(config, space, data, run.info.run_id),
-            n_trials=config.n_trials,
-            n_jobs=config.n_jobs,
-            timeout=config.timeout_seconds,
-            callbacks=[MaxTrialsCallback(config.n_trials, states=FINISHED), print_trial],
-            catch=(RuntimeError,),
-        )
+        try:
+            study.optimize(
+                make_objective(config, space, data, run.info.run_id),
+                n_trials=config.n_trials,
+                n_jobs=config.n_jobs,
+                timeout=config.timeout_seconds,
+                callbacks=[MaxTrialsCallback(config.n_trials, states=FINISHED), print_trial],
+                catch=(RuntimeError,),
+            )
+        except KeyboardInterrupt:
+            done = len(study.get_trials(deepcopy=False, states=FINISHED))
+            raise Interrupted(
+                f"tune run {run.info.run_id} stopped by Ctrl-C with {done} of {config.n_trials} "
+                f"trials finished; the study keeps them (the one running is marked failed). "
+                f"Continue with: cifar10 tune --model {config.model} --study-name {study_name} "
+                f"--storage {storage}"
+            ) from None
         trials = study.get_trials(deepcopy=False)
         counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
         mlflow.log_metrics(

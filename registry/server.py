@@ -7,9 +7,11 @@ import ctypes
 import ipaddress
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -128,9 +130,10 @@ def run_serve(config: ServeConfig) -> None:
     token = read_token(config)
     check_exposure(config, token)
     check_port(config.host, config.port)
+    model_path = local_model(config.model_uri)
     os.environ[SETTINGS_ENV] = json.dumps(
         {
-            "model_path": local_model(config.model_uri),
+            "model_path": model_path,
             "max_body_bytes": int(config.max_body_mb * 2**20),
             "max_json_depth": config.max_json_depth,
             "model_config": {
@@ -146,6 +149,7 @@ def run_serve(config: ServeConfig) -> None:
     if config.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         metrics_dir = tempfile.mkdtemp(prefix="cifar10-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    print(serving_line(config, model_path, token), file=sys.stderr, flush=True)
     try:
         uvicorn.run(
             "registry.server:app_from_environment",
@@ -158,6 +162,35 @@ def run_serve(config: ServeConfig) -> None:
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+    print(
+        f"serve: stopped; every open request was answered before the server closed "
+        f"(http://{config.host}:{config.port})",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def serving_line(config: ServeConfig, model_path: str, token: str | None) -> str:
+    """What the server says on start: which model (registered name, version and alias where the
+    URI names them), its architecture, whether a token is needed, and where to call it."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    architecture = Model.load(model_path).metadata.get("architecture", "unknown architecture")
+    what = config.model_uri
+    if match := re.fullmatch(r"models:/([^@/]+)@(.+)", config.model_uri):
+        name, alias = match.groups()
+        try:
+            version = MlflowClient().get_model_version_by_alias(name, alias).version
+            what = f"{name} version {version} (alias {alias})"
+        except MlflowException:
+            pass
+    base = f"http://{config.host}:{config.port}"
+    return (
+        f"serving {what}, {architecture}, at {base}/invocations; token "
+        f"{'required' if token else 'not required (loopback only)'}; metrics at {base}/metrics"
+    )
 
 
 def keep_freed_memory() -> None:

@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -366,6 +367,15 @@ def kill_at(moment: str, process: subprocess.Popen, root: Path, experiment: str,
     raise AssertionError(f"the train process ended before it could be killed {moment}")
 
 
+ROOT = Path(__file__).resolve().parents[1]
+MLFLOW_RUN = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local"]
+
+
+def mlflow_run_env() -> dict[str, str]:
+    """`mlflow run --experiment-name` refuses to run beside MLFLOW_EXPERIMENT_ID."""
+    return {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
+
+
 def final_weights(run_id: str) -> dict[str, torch.Tensor]:
     return state_of(mlflow.get_run(run_id).data.tags["model_uri"])
 
@@ -431,6 +441,44 @@ def test_a_run_killed_at_any_moment_resumes_to_the_unbroken_weights(
     assert sorted(m.step for m in history) == list(range(1, KILL_SETTINGS["epochs"] + 1))
     expected, actual = final_weights(unbroken_run), final_weights(killed)
     assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_a_run_killed_before_it_logged_its_config_resumes_to_the_unbroken_weights(
+    tracking, tracking_dir, unbroken_run
+):
+    """`mlflow run` creates the run and logs its parameters before our process starts; a SIGKILL
+    then (here: the moment the run exists) leaves no config.yaml, and resuming starts it over
+    from those parameters."""
+    settings = [a for k, v in KILL_SETTINGS.items() for a in ("-P", f"{k}={v}")]
+    launcher = subprocess.Popen(
+        [*MLFLOW_RUN, "-e", "train", "--experiment-name", tracking, *settings],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=mlflow_run_env(),
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    killed = None
+    while killed is None and time.monotonic() < deadline and launcher.poll() is None:
+        runs = mlflow.search_runs(experiment_names=[tracking])
+        killed = runs["run_id"][0] if len(runs) else None
+        time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    assert killed, "mlflow run never created its run"
+    names = {f.path for f in mlflow.MlflowClient().list_artifacts(killed)}
+    assert "config.yaml" not in names, "the kill came after the config was logged"
+    resumed = subprocess.run(
+        train_command(tracking, resume_run_id=killed), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "has no checkpoint yet: training it again from epoch 1 with its parameters" in (
+        resumed.stderr
+    )
+    run = mlflow.get_run(killed)
+    assert run.info.status == "FINISHED" and "config.yaml" in {
+        f.path for f in mlflow.MlflowClient().list_artifacts(killed)
+    }
+    expected, actual = final_weights(unbroken_run), final_weights(killed)
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
 
 

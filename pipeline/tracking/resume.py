@@ -4,6 +4,7 @@ metrics, checkpoints in two alternating slots, and the logged config."""
 from __future__ import annotations
 
 import pickle
+import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -83,11 +84,21 @@ def stored_config(run: Run) -> TrainConfig | None:
     )
 
 
+def as_given(logged: str) -> str:
+    """A parameter as the user gave it: `mlflow run` logs each shell-quoted (`''` for unset)."""
+    try:
+        parts = shlex.split(logged)
+    except ValueError:
+        return logged
+    return parts[0] if len(parts) == 1 else logged if parts else ""
+
+
 def entry_point_config(run: Run) -> TrainConfig | None:
     """The config a run killed before it logged `config.yaml` would have run: its entry-point
-    parameters (as `mlflow run` logged them, "" for unset) resolved as the CLI resolves them."""
+    parameters (as `mlflow run` logged them) resolved as the CLI resolves them."""
     known = set(TrainConfig.__dataclass_fields__) | set(option_owners())
-    given = {k: v for k, v in run.data.params.items() if k in known and v != ""}
+    values = {k: as_given(v) for k, v in run.data.params.items() if k in known}
+    given = {k: v for k, v in values.items() if v != ""}
     given.pop("resume_run_id", None)
     if not given:
         return None

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from pipeline.config import ConfigError
 from pipeline.data.image_set import ImageSet
 from pipeline.data.sources import SYNTHETIC, Splits, load_training_set, make_splits
+from pipeline.errors import Interrupted
 from pipeline.tracking.lineage import (
     CODE_TAG,
     DATA_TAG,
@@ -157,9 +160,26 @@ def stage_run(
             )
         try:
             yield run
+        except KeyboardInterrupt as interrupt:
+            stop_at_the_next_ctrl_c()
+            mlflow.set_tag("interrupted", "by the user (Ctrl-C)")
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            if isinstance(interrupt, Interrupted):
+                raise
+            again = "its finished steps are reused" if stage == "main" else "it starts afresh"
+            raise Interrupted(
+                f"{stage} run {run.info.run_id} stopped by Ctrl-C and ended KILLED; run the same "
+                f"command again ({again})."
+            ) from None
         except BaseException as error:
             mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:4000])
             raise
+
+
+def stop_at_the_next_ctrl_c() -> None:
+    """After the first Ctrl-C the run is closed in order; a second one ends the process at once."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def log_resolved_params(params: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from pipeline.config import TrainConfig, config_to_params, dump_yaml
 from pipeline.data.image_set import ImageSet
+from pipeline.errors import Interrupted
 from pipeline.tracking.model_logging import log_classifier
 from pipeline.tracking.resume import (
     CHECKPOINT_FILE,
@@ -93,6 +94,8 @@ class TrainingRun:
         self.logged: frozenset[int] = frozenset()
         self.checkpointed = False
         self.logged_config = False
+        self.epochs_done = 0
+        self.checkpoint_epoch = 0
 
     @property
     def resolved(self) -> TrainConfig:
@@ -114,6 +117,7 @@ class TrainingRun:
         if self.logged_config:
             self.resume_from, self.next_slot = load_resume_checkpoint(self.run_id, self.scratch)
             self.logged = logged_epochs(self.run_id)
+            self.epochs_done = self.checkpoint_epoch = self.first_epoch
             mlflow.set_tag("resumed_from_epoch", self.first_epoch)
         else:
             self.log_inputs()
@@ -204,10 +208,36 @@ class TrainingRun:
             prepared.train_batches,
             prepared.val_batches,
             prepared.config,
-            callbacks=[mlflow_epoch_logger(self.logged, self.next_slot), *callbacks],
+            callbacks=[
+                mlflow_epoch_logger(self.logged, self.next_slot),
+                self.note_epoch,
+                *callbacks,
+            ],
             checkpoint_path=self.scratch / CHECKPOINT_FILE if checkpoints else None,
             resume_from=self.resume_from,
             on_problem=record,
+        )
+
+    def note_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        self.epochs_done = epoch + 1
+        if checkpoint is not None:
+            self.checkpoint_epoch = epoch + 1
+
+    def interrupted(self) -> str:
+        """What a person reads after Ctrl-C: where it stopped, what is kept, how to continue."""
+        epochs = self.resolved.epochs if self.prepared else self.recipe.epochs
+        where = (
+            f"in epoch {self.epochs_done + 1} of {epochs}" if self.prepared else "while preparing"
+        )
+        kept = (
+            f"the checkpoint after epoch {self.checkpoint_epoch}"
+            if self.checkpoint_epoch
+            else "no checkpoint yet (resuming starts at epoch 1 with the same config)"
+        )
+        return (
+            f"train run {self.run_id} stopped by Ctrl-C {where}; kept: {kept}. Continue with: "
+            f"cifar10 train --resume-run-id {self.run_id}   (or mlflow run . -e train "
+            f"--env-manager local -P resume_run_id={self.run_id})"
         )
 
     def finish(self, state: FitState, log_model: bool = True) -> TrainResult:
@@ -247,8 +277,10 @@ class TrainingRun:
                 "checkpoints",
                 "kept" if self.recipe.keep_checkpoints else delete_checkpoints(self.run_id),
             )
-        if "error" in mlflow.get_run(self.run_id).data.tags:
-            mlflow.MlflowClient().delete_tag(self.run_id, "error")
+        earlier = mlflow.get_run(self.run_id).data.tags
+        for tag in ("error", "interrupted"):  # of an attempt this run has now outlived
+            if tag in earlier:
+                mlflow.MlflowClient().delete_tag(self.run_id, tag)
         return TrainResult(
             self.run_id,
             model_uri,
@@ -278,4 +310,10 @@ def training_run(
         ) as run,
         scratch_dir() as scratch,
     ):
-        yield TrainingRun(run, recipe, scratch, named=run_name is not None)
+        training = TrainingRun(run, recipe, scratch, named=run_name is not None)
+        try:
+            yield training
+        except KeyboardInterrupt as interrupt:
+            if isinstance(interrupt, Interrupted):
+                raise
+            raise Interrupted(training.interrupted()) from None
