@@ -126,6 +126,7 @@ class TrainConfig:
 class EvaluateConfig:
     model_uri: str = required()
     data_dir: str = "data"
+    test_dir: str | None = None  # a held-out folder (or archive) of class folders, read whole
     batch_size: int = 500
     tta: bool | None = None  # None: the model's own default (what its validation used)
     gradcam_per_class: int = 2
@@ -441,6 +442,8 @@ OPTION_HELP = {
     "tta": "average with the mirrored image (flip test-time augmentation); train: in validation "
     "and as the logged model's default; evaluate, predict: default the model's",
     "gradcam_per_class": "Grad-CAM overlays per class (0 = none)",
+    "test_dir": "evaluate: a held-out folder or archive of class folders (held_out/<class>/*), "
+    "read whole as the test split instead of data_dir's",
     "n_trials": "trials to finish in this study (all workers together)",
     "storage": "Optuna storage URL (default: optuna.db beside the tracking store)",
     "study_name": "the study to create or resume (default: <model>-tune)",

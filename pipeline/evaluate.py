@@ -27,7 +27,12 @@ from sklearn.metrics import (
 
 from pipeline.config import EvaluateConfig, config_to_params
 from pipeline.data.image_set import ImageSet
-from pipeline.data.sources import BadDataError, load_test_set
+from pipeline.data.sources import (
+    BadDataError,
+    duplicate_counts,
+    load_held_out_folder,
+    load_test_set,
+)
 from pipeline.errors import PipelineError
 from pipeline.model.architectures import gradcam_target_layer, normalize
 from pipeline.model.classifier import predict_in_chunks
@@ -236,16 +241,25 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     when they come from the test split of the data that run was trained on. `tta` unset means the
     model's own default (what its validation used)."""
     with stage_run(
-        "evaluate", config.experiment_name, f"evaluate · {source_name(config.data_dir)}"
+        "evaluate",
+        config.experiment_name,
+        f"evaluate · {source_name(config.test_dir or config.data_dir)}",
     ) as run:
         model = load_logged_model(config.model_uri)
         requested = config_to_params(config)  # the step's identity for `main`, as it was asked
         if config.tta is None:
             config = replace(config, tta=default_tta(model))
         if config.tta:
-            mlflow.set_tag("mlflow.runName", f"evaluate-tta · {source_name(config.data_dir)}")
+            mlflow.set_tag(
+                "mlflow.runName",
+                f"evaluate-tta · {source_name(config.test_dir or config.data_dir)}",
+            )
         log_resolved_params(config_to_params(config))
-        test = load_test_set(config.data_dir, config.download, config.skip_bad_images)
+        test = (
+            load_held_out_folder(config.test_dir, config.skip_bad_images)
+            if config.test_dir
+            else load_test_set(config.data_dir, config.download, config.skip_bad_images)
+        )
         source_run_id = model.metadata.run_id
         meta = model.metadata.metadata or {}
         if "class_names" in meta and tuple(meta["class_names"]) != test.class_names:
@@ -299,7 +313,11 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
             }
         )
         mlflow.log_text(predictions.to_csv(index=False), "predictions.csv")
-        write_back = write_back_reason(source_run_id, config.data_dir)
+        write_back = (
+            write_back_reason(source_run_id, None, test)
+            if config.test_dir
+            else write_back_reason(source_run_id, config.data_dir)
+        )
         mlflow.set_tags(
             {"written_back": write_back is None, "written_back_reason": write_back or ""}
         )
@@ -331,9 +349,13 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     return EvaluateResult(run.info.run_id, metrics, source_run_id)
 
 
-def write_back_reason(source_run_id: str | None, data_dir: str) -> str | None:
+def write_back_reason(
+    source_run_id: str | None, data_dir: str | None, held_out: ImageSet | None = None
+) -> str | None:
     """None when `data_dir` holds, by content digest, the training split the run learned from, so
-    its test split is the one held out from that data; else why the metrics stay here."""
+    its test split is the one held out from that data; else why the metrics stay here. A
+    `held_out` folder counts as held out only when none of its images is in that training split
+    (rebuilt from the data the run logged where `data_dir` is None)."""
     if not source_run_id:
         return "the model has no training run"
     run = mlflow.MlflowClient().get_run(source_run_id)
@@ -343,4 +365,13 @@ def write_back_reason(source_run_id: str | None, data_dir: str) -> str | None:
         return (
             f"the training split of run {source_run_id} cannot be rebuilt from {data_dir} ({error})"
         )
-    return split_changed(run, "train", rebuilt)
+    changed = split_changed(run, "train", rebuilt)
+    if changed or held_out is None:
+        return changed
+    shared = duplicate_counts(rebuilt.images, held_out.images)["duplicates_train_test"]
+    if shared:
+        return (
+            f"{shared} of the {len(held_out)} images in {held_out.source} are in the training "
+            f"split of run {source_run_id}, so they are not held out"
+        )
+    return None

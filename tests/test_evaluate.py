@@ -6,11 +6,11 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
 from pipeline.config import EvaluateConfig, resolve_train_config
-from pipeline.data.sources import DataUnavailableError, load_test_set
+from pipeline.data.sources import BadDataError, DataUnavailableError, load_test_set
 from pipeline.evaluate import classification_metrics, expected_calibration_error, run_evaluate
 from pipeline.model.classifier import predict_probabilities
 from pipeline.train import run_train
-from tests.conftest import write_cifar_dir
+from tests.conftest import write_cifar_dir, write_image_tree
 from tests.test_preprocess import artifact_paths
 
 NAMES = ("a", "b", "c")
@@ -182,3 +182,37 @@ def test_evaluate_on_other_data_leaves_the_training_run_unchanged(tracking, tmp_
         and "these are not the images it was trained on" in tags["written_back_reason"]
     )
     assert "not written back: the train split rebuilt from" in capsys.readouterr().out
+
+
+def test_evaluate_takes_a_bare_held_out_folder_of_class_folders(tracking, tmp_path):
+    """Own images kept aside as held_out/<class>/*: evaluated directly, with the class-name check,
+    and written back only when none of them is among the training images."""
+    own = write_image_tree(tmp_path / "own", per_class=40, seed=0) / "train"
+    held_out = write_image_tree(tmp_path / "held", per_class=12, seed=7) / "train"
+    trained = run_train(
+        resolve_train_config(
+            {"data_dir": str(own), "epochs": 2, "width": 8, "experiment_name": tracking}
+        )
+    )
+    kept_aside = run_evaluate(
+        EvaluateConfig(model_uri=trained.model_uri, test_dir=str(held_out), gradcam_per_class=0)
+    )
+    run = mlflow.get_run(kept_aside.run_id)
+    assert run.data.metrics["test_images"] == 36
+    assert run.data.tags["written_back"] == "True", run.data.tags["written_back_reason"]
+    assert "test_accuracy" in mlflow.get_run(trained.run_id).data.metrics
+
+    seen = run_evaluate(
+        EvaluateConfig(model_uri=trained.model_uri, test_dir=str(own), gradcam_per_class=0)
+    )
+    reason = mlflow.get_run(seen.run_id).data.tags["written_back_reason"]
+    assert "are in the training split of run" in reason and "not held out" in reason
+
+    other_classes = (
+        write_image_tree(tmp_path / "other", classes=("cat", "dog", "frog", "ship"), per_class=4)
+        / "train"
+    )
+    with pytest.raises(BadDataError, match="knows the classes"):
+        run_evaluate(EvaluateConfig(model_uri=trained.model_uri, test_dir=str(other_classes)))
+    with pytest.raises(DataUnavailableError, match="is not a folder or archive of class folders"):
+        run_evaluate(EvaluateConfig(model_uri=trained.model_uri, test_dir=str(tmp_path / "nope")))

@@ -163,9 +163,22 @@ def load_test_set(
         raise DataUnavailableError(
             f"{data_dir} has no test split ({TEST_BATCH}, or a test/<class>/ folder), so there is "
             f"nothing held out to test on. Add the official {TEST_BATCH} (and {META_FILE}) or a "
-            "test/ folder beside train/, or pass -P data_dir=... pointing to data that has one."
+            "test/ folder beside train/, pass -P data_dir=... pointing to data that has one, or "
+            "-P test_dir=<folder> for a folder of class folders you kept aside."
         )
     return checked(test, skip_bad_images)
+
+
+def load_held_out_folder(test_dir: str | Path, skip_bad_images: bool = False) -> ImageSet:
+    """A folder or archive of class folders kept aside (`held_out/<class>/*`), read whole as a
+    test split."""
+    path = Path(test_dir)
+    if not path.exists() or not is_image_folder(path):
+        raise DataUnavailableError(
+            f"test_dir {path} is not a folder or archive of class folders (looked in "
+            f"{path.resolve()}); give one laid out as {path.name or 'held_out'}/<class>/*.png."
+        )
+    return checked(read_split(path, "train", download=False), skip_bad_images)
 
 
 def has_test_set(data_dir: str | Path) -> bool:
