@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import importlib
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,7 +34,11 @@ from pipeline.config import (
     resolve_train_config,
 )
 from pipeline.errors import Interrupted, PipelineError
-from pipeline.model.architectures import model_names, option_owners
+
+DESCRIPTION = """CIFAR-10 (or your own image folders) from raw images to a served model, every step
+tracked in MLflow. Each command is also an MLflow Project entry point: `mlflow run . -e <command>
+--env-manager local -P name=value` takes the same options. `cifar10 <command> --help` lists a
+command's options with their defaults. Start with: cifar10 main --data-dir <images> --model fastnet"""
 
 CONFIGS: dict[str, type] = {
     "preprocess": PreprocessConfig,
@@ -43,14 +49,29 @@ CONFIGS: dict[str, type] = {
     "serve": ServeConfig,
     "predict": PredictConfig,
 }
-# `train` takes its config's fields and every model option of the registry (each model checks its
-# own); `main` takes the same (but resuming, which is one run's business) and force_rerun.
-TRAIN_OPTIONS = (
-    *(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("options", "from_recipe")),
-    *option_owners(),
-)
 MAIN_EXTRA = {"force_rerun": False}
-MAIN_OPTIONS = (*(name for name in TRAIN_OPTIONS if name != "resume_run_id"), *MAIN_EXTRA)
+
+
+@functools.cache
+def train_options() -> tuple[str, ...]:
+    """`train` takes its config's fields and every model option of the registry (each model checks
+    its own); imported only when a command needs them, since the registry imports torch."""
+    from pipeline.model.architectures import option_owners
+
+    fields = (f.name for f in dataclasses.fields(TrainConfig))
+    return (*(n for n in fields if n not in ("options", "from_recipe")), *option_owners())
+
+
+@functools.cache
+def main_options() -> tuple[str, ...]:
+    """`main` takes the same (but resuming, which is one run's business) and force_rerun."""
+    return (*(name for name in train_options() if name != "resume_run_id"), *MAIN_EXTRA)
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    if name == "MAIN_OPTIONS":  # for the MLproject generator and the tests
+        return main_options()
+    raise AttributeError(name)
 
 
 def given(value: str) -> str | None:
@@ -62,7 +83,7 @@ STAGE_HELP = {
     "train": "train one model; a tracked run that ends with a logged, servable model",
     "evaluate": "score a logged model on a test split: metrics, plots, Grad-CAM",
     "tune": "an Optuna study over experiments/search_spaces/<model>.yaml",
-    "promote": "register the best ResNet and move the champion alias, if it earns it",
+    "promote": "register the best ResNet or fastnet and move the champion alias, if it earns it",
     "serve": "MLflow's scoring app behind limits, a token and /metrics",
     "predict": "score a folder, archive or glob of unlabelled images into a .csv/.parquet table",
     "main": "preprocess -> train -> evaluate -> promote, reusing finished steps",
@@ -84,9 +105,13 @@ def option_defaults(stage: str) -> dict[str, str]:
 def option_help(name: str) -> str:
     """The option's description; a model option without one names the models that take it."""
     if name == "model":
+        from pipeline.model.architectures import model_names
+
         return f"architecture: {', '.join(model_names())}"
     if name in OPTION_HELP:
         return OPTION_HELP[name]
+    from pipeline.model.architectures import option_owners
+
     owners = option_owners().get(name)
     return (
         f"{', '.join(owners)}: a constructor option (pipeline/model/architectures.py)"
@@ -117,7 +142,7 @@ def add_options(parser: argparse.ArgumentParser, stage: str, names: Sequence[str
 def unknown_option_message(stage: str, unknown: list[str]) -> str:
     """One line for options the stage does not take, with the nearest names."""
     names = [
-        n.replace("_", "-") for n in (MAIN_OPTIONS if stage == "main" else stage_options(stage))
+        n.replace("_", "-") for n in (main_options() if stage == "main" else stage_options(stage))
     ]
     parts = []
     for token in (t for t in unknown if t.startswith("--")):
@@ -137,18 +162,27 @@ def unknown_option_message(stage: str, unknown: list[str]) -> str:
 def stage_options(stage: str) -> list[str]:
     """The options of one entry point (`main` apart), as MLproject lists them too."""
     if stage == "train":
-        return list(TRAIN_OPTIONS)
+        return list(train_options())
     return [f.name for f in dataclasses.fields(CONFIGS[stage])]
 
 
+def build_overview_parser() -> argparse.ArgumentParser:
+    """The commands alone: what `cifar10 --help` shows, without importing torch for the options."""
+    parser = argparse.ArgumentParser(prog="cifar10", description=DESCRIPTION)
+    stages = parser.add_subparsers(dest="stage", metavar="command", required=True)
+    for stage in [*CONFIGS, "main"]:
+        stages.add_parser(stage, help=STAGE_HELP[stage], add_help=False)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cifar10", description=__doc__)
+    parser = argparse.ArgumentParser(prog="cifar10", description=DESCRIPTION)
     stages = parser.add_subparsers(dest="stage", required=True)
     for stage in CONFIGS:
         sub = stages.add_parser(stage, help=STAGE_HELP[stage], description=STAGE_HELP[stage])
         add_options(sub, stage, stage_options(stage))
     main_parser = stages.add_parser("main", help=STAGE_HELP["main"], description=STAGE_HELP["main"])
-    add_options(main_parser, "main", MAIN_OPTIONS)
+    add_options(main_parser, "main", main_options())
     return parser
 
 
@@ -226,11 +260,45 @@ HTTP_RETRY_DEFAULTS = {
 }
 
 
+def in_the_users_words(message: str) -> str:
+    """Our messages name options as `-P name=value` (mlflow run); outside `mlflow run` a user typed
+    `--name value`, so that is the form they read."""
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return message
+    return re.sub(r"-P ([a-z_]+)=", lambda m: f"--{m.group(1).replace('_', '-')} ", message)
+
+
+def name_refused_run(stage: str, message: str) -> None:
+    """Under `mlflow run` the run exists before this process starts, named at random; one this
+    process refuses is named for what it was and says why."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client = MlflowClient()
+        if client.get_run(run_id).info.lifecycle_stage == "active":
+            client.set_tag(run_id, "mlflow.runName", f"{stage} · refused")
+            client.set_tag(run_id, "mlflow.note.content", message)
+    except MlflowException:
+        pass  # the store itself is the problem: the message already says so
+
+
+def refuse(stage: str, message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    name_refused_run(stage, message)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in [*CONFIGS, "main"]:
+        build_overview_parser().parse_args(argv)  # --help, or a one-line error for a bad command
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
-        print(f"error: {unknown_option_message(args.stage, unknown)}", file=sys.stderr)
-        sys.exit(2)
+        refuse(args.stage, unknown_option_message(args.stage, unknown))
     for name, value in HTTP_RETRY_DEFAULTS.items():
         os.environ.setdefault(name, value)
     if not sys.stderr.isatty():
@@ -239,8 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         dispatch(args)
     except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        refuse(args.stage, in_the_users_words(str(error)))
     except KeyboardInterrupt as interrupt:
         said = str(interrupt) if isinstance(interrupt, Interrupted) else ""
         print(

@@ -190,19 +190,28 @@ def first_champion_gate(candidate: Run, config: PromoteConfig) -> Decision:
         f"validation accuracy {accuracy:.4f} ({correct}/{total}) against chance {chance:.3f}: "
         f"p={p_value:.3g} (alpha {config.alpha}), min_accuracy {config.min_accuracy}"
     )
-    earned = p_value < config.alpha and accuracy >= config.min_accuracy
+    above_chance, accurate = p_value < config.alpha, accuracy >= config.min_accuracy
+    earned = above_chance and accurate
     action = "promote" if earned else "force" if config.force else "keep"
-    reason = (
-        f"first champion, {numbers}"
-        if earned
-        else f"refused as first champion, not better than chance or min_accuracy: {numbers}"
-        + (
+    if earned:
+        reason = f"first champion, {numbers}"
+    elif not above_chance:
+        reason = f"refused as first champion, no better than chance: {numbers}" + (
             "; forced"
             if config.force
             else ". The model has not learned: train it again with a lower -P lr (or a larger "
             "one), more -P epochs, or check the labels (cifar10 preprocess)"
         )
-    )
+    else:
+        reason = (
+            f"refused as first champion, below min_accuracy {config.min_accuracy}: {numbers}"
+            + (
+                "; forced"
+                if config.force
+                else ". It learned (better than chance) but not enough: train it further (more -P "
+                "epochs or data, a larger model) or pass a lower -P min_accuracy"
+            )
+        )
     return Decision(
         action,
         reason,

@@ -172,3 +172,22 @@ def test_a_torch_and_torchvision_that_do_not_belong_together_are_named_with_the_
         "--index-url https://download.pytorch.org/whl/cpu"
     )
     assert "torchvision==0.28.*" in torch_pair_problem("2.13.0", "0.29.1")
+
+
+def test_help_opens_with_what_the_tool_does_without_importing_torch(tmp_path):
+    overview = run_cli(tmp_path, "--help")
+    assert overview.startswith("usage: cifar10") and "served model, every" in overview
+    assert all(stage in overview for stage in [*CONFIGS, "main"])
+    assert "The only place that reads arguments" not in overview
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; from pipeline.cli import main\n"
+         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+         "print('torch' in sys.modules)"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert probe.stdout.strip().endswith("False")
+
+
+def test_a_hint_names_options_in_the_form_the_user_typed(tmp_path):
+    said = run_cli(tmp_path, "serve", "--model-uri", "models:/nothing@champion", check=False)
+    assert "--model-uri runs:/<run id>/model" in said and "-P model_uri" not in said

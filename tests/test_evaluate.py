@@ -131,6 +131,7 @@ def test_missing_test_batch_is_a_clear_error(tracking, tmp_path):
         run_evaluate(config)
 
 
+@pytest.mark.accuracy
 def test_real_test_images_score_what_an_independent_reload_gives(tracking, tmp_path, real_subset):
     """Batches 1-4 of the real subset train; batch 5 plays the unseen test batch."""
     source = real_subset / "cifar-10-batches-py"

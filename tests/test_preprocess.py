@@ -62,7 +62,7 @@ def test_preprocess_logs_counts_integrity_stats_and_plots(tracking, tmp_path):
     assert stats["counts"]["test"] == 40
     assert load_json(result.run_id, "integrity.json") == []
     dataset = run.inputs.dataset_inputs[0].dataset
-    assert dataset.name == "cifar-10-batches-py" and dataset.digest == stats["train_digest"]
+    assert dataset.name == root.name and dataset.digest == stats["train_digest"]
 
 
 def test_unreadable_file_is_reported_then_fails_the_run(tracking, tmp_path):

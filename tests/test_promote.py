@@ -8,6 +8,9 @@ from pipeline.train import run_train
 from registry.promote import PromotionError, mcnemar_p_value, run_promote
 from tests.conftest import write_image_tree
 
+# Every candidate must reach its accuracy in float32 and bfloat16 alike (CI runs these twice).
+pytestmark = pytest.mark.accuracy
+
 # The recipe's batch and learning rate as given, not scaled to these small sets: the candidates
 # below are meant to be bad, mediocre and good.
 SYNTHETIC = {"data_dir": "synthetic", "width": 16, "seed": 0, "batch_size": 256, "lr": 0.004}
@@ -45,7 +48,9 @@ def candidates(tmp_path_factory):
         runs = {
             "bad": train_in("bad", epochs=1, lr=1e-9, schedule="constant", max_train_images=256),
             "good": train_in("good", epochs=4, max_train_images=2000),
-            "mediocre": train_in("mediocre", epochs=2, max_train_images=1000),  # ~0.4
+            # 0.780 in float32, 0.787 in bfloat16 (seed 1: 0.497 / 0.473); 2 epochs gave 0.17 /
+            # 0.25, an outcome of the CPU's number format.
+            "mediocre": train_in("mediocre", epochs=3, max_train_images=1000),
             "twin": train_in("twin", epochs=4, max_train_images=1990),
         }
         yield runs, patch
@@ -98,6 +103,7 @@ def test_promotion_lifecycle(candidates):
 def test_first_champion_must_beat_chance_and_min_accuracy(candidates, capsys):
     first = promote("first", "mediocre", min_accuracy=0.9)
     assert first.action == "keep" and "min_accuracy 0.9" in first.reason
+    assert "below min_accuracy 0.9" in first.reason and "not learned" not in first.reason
     assert 0.2 < first.candidate_val_accuracy < 0.9 and first.p_value < 1e-6
     assert "refused as first champion" in capsys.readouterr().out
     assert promote("first", "mediocre").action == "promote"

@@ -76,14 +76,12 @@ def test_every_model_trains_and_logs_a_servable_model(tracking, data_256, name):
     assert set(run.data.metrics) >= EPOCH_METRICS
     assert run.data.params["model"] == name and run.data.metrics["train_images"] == 256
     assert run.data.tags["architecture"] == name and run.data.tags["device"] == str(select_device())
-    assert run.data.tags["git_commit"] and run.data.tags["data_source"].endswith(
-        "cifar-10-batches-py"
-    )
+    assert run.data.tags["git_commit"] and run.data.tags["data_source"] == str(data_256.resolve())
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
     assert {"config.yaml", "stats.json"} <= artifacts
     # a finished run's resume checkpoints are gone; the logged model keeps the best weights
     assert "checkpoints" not in artifacts and run.data.tags["checkpoints"] == "deleted"
-    assert run.inputs.dataset_inputs[0].dataset.name == "cifar-10-batches-py"
+    assert run.inputs.dataset_inputs[0].dataset.name == data_256.name  # the folder given
     test = load_test_set(data_256)
     out = predict_pngs(result.model_uri, test.images)
     assert list(out.columns) == ["label", "class_name", "probabilities"]
@@ -92,6 +90,7 @@ def test_every_model_trains_and_logs_a_servable_model(tracking, data_256, name):
     assert out["class_name"].tolist() == [test.class_names[i] for i in out["label"]]
 
 
+@pytest.mark.accuracy
 def test_cnn_learns_the_synthetic_set(tracking):
     config = tiny_config(tracking, data_dir="synthetic", epochs=4, width=16, max_train_images=2000)
     result = run_train(config)
@@ -493,6 +492,7 @@ def test_keep_checkpoints_keeps_a_finished_runs_checkpoints(tracking):
     assert mlflow.get_run(result.run_id).data.tags["checkpoints"] == "kept"
 
 
+@pytest.mark.accuracy
 def test_a_run_that_cannot_learn_is_told_so_tagged_and_stopped_early(tracking, capsys):
     config = tiny_config(
         tracking, data_dir="synthetic", epochs=8, width=8, max_train_images=256, lr=1e-9,
@@ -509,6 +509,7 @@ def test_a_run_that_cannot_learn_is_told_so_tagged_and_stopped_early(tracking, c
     assert f"train stopped early, not learning: run {result.run_id}" in printed.out
 
 
+@pytest.mark.accuracy
 def test_a_diverging_run_is_caught(tracking, capsys):
     config = tiny_config(
         tracking, data_dir="synthetic", epochs=4, width=8, max_train_images=512, batch_size=32,
@@ -520,6 +521,18 @@ def test_a_diverging_run_is_caught(tracking, capsys):
     assert "watchdog: diverging: the training loss rose from" in capsys.readouterr().err
 
 
+def test_own_classes_are_told_that_training_mirrors_them(tracking, tmp_path, capsys):
+    folder = write_image_tree(tmp_path / "digits", classes=("one", "two", "six"), per_class=8)
+    run_train(tiny_config(tracking, data_dir=str(folder), epochs=1, width=8))
+    assert (
+        "note: training mirrors your images (flip augmentation); if a mirrored image can belong "
+        "to another class (digits, letters, arrows), pass -P flip=false -P tta=false"
+    ) in capsys.readouterr().err
+    run_train(tiny_config(tracking, data_dir=str(folder), epochs=1, width=8, flip=False))
+    assert "mirrors your images" not in capsys.readouterr().err
+
+
+@pytest.mark.accuracy
 def test_a_three_class_folder_of_real_images_learns_with_the_defaults(
     tracking, real_jpeg_archive, tmp_path
 ):
@@ -599,6 +612,7 @@ def test_bias_lr_factor_speeds_up_normalization_biases_through_the_schedule():
     assert len(make_optimizer(model, plain, plain.lr).param_groups) == 1
 
 
+@pytest.mark.accuracy
 def test_precision_is_chosen_recorded_and_trains_in_both(tracking):
     assert autocast_dtype(torch.device("cpu"), "fp32") is None
     assert autocast_dtype(torch.device("cpu"), "bf16") is torch.bfloat16

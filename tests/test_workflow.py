@@ -36,6 +36,7 @@ def failed_step_error(experiment: str, entry_point: str) -> str:
     return failed["tags.error"].iloc[0]
 
 
+@pytest.mark.accuracy
 def test_main_runs_every_step_once_then_reuses_them(tracking):
     first = run_main({**TINY_MAIN, "experiment_name": tracking})
     assert set(first) == {"preprocess", "train", "evaluate", "promote"}

@@ -13,7 +13,7 @@ never saw) stops the caller with the list, unless it asked to skip bad images.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +106,8 @@ def read_split(data_dir: str | Path, split: str, download: bool | None) -> Image
     names = TRAIN_BATCHES if split == "train" else (TEST_BATCH,)
     if not any((batch_dir / name).is_file() for name in names):
         return None
-    return load_cifar_batches(batch_dir, names)
+    # Named after the folder the user gave (its cifar-10-batches-py inside is found again).
+    return replace(load_cifar_batches(batch_dir, names), source=canonical_source(path))
 
 
 def problem_summary(problems: list[dict[str, str]]) -> str:

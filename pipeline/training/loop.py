@@ -86,10 +86,17 @@ def make_optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.op
     return torch.optim.AdamW(groups, lr=lr, weight_decay=config.weight_decay)
 
 
+# What "auto" means when set (fp32 or bf16): the test suite runs once with fp32, as on a CPU
+# without bfloat16 (AVX2 only), so that both kinds of machine stay covered.
+AUTO_PRECISION_ENV = "CIFAR10_AUTO_PRECISION"
+
+
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """The reduced precision to compute in, None for float32. "auto" takes bfloat16 where the
     device computes it natively (CUDA; a CPU with AVX512-BF16 or AMX, where fastnet trains ~1.7x
     faster: benchmarks/RESULTS.md) and float32 elsewhere (emulated bfloat16 is slower)."""
+    if precision == "auto":
+        precision = os.environ.get(AUTO_PRECISION_ENV, "auto")
     if precision == "fp32":
         return None
     if precision == "bf16":

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.config import TrainConfig
+from pipeline.data.cifar_batches import CLASS_NAMES
 from pipeline.training.loader import DeviceBatches
 from pipeline.training.loop import autocast, autocast_dtype
 from pipeline.training.prepare import Prepared
@@ -91,6 +92,20 @@ def recipe_note(config: TrainConfig, recipe: TrainConfig, train_images: int) -> 
     )
 
 
+def mirror_note(config: TrainConfig, class_names: tuple[str, ...]) -> str | None:
+    """On a user's own classes, say that images are mirrored: on digits or text a mirror can
+    change the class (CIFAR-10's classes are mirror-safe)."""
+    mirrored = [
+        name for name, on in (("flip augmentation", config.flip), ("flip TTA", config.tta)) if on
+    ]
+    if not mirrored or set(class_names) <= set(CLASS_NAMES):
+        return None
+    return (
+        f"note: training mirrors your images ({' and '.join(mirrored)}); if a mirrored image can "
+        "belong to another class (digits, letters, arrows), pass -P flip=false -P tta=false"
+    )
+
+
 def announce_training(prepared: Prepared, recipe: TrainConfig, first_epoch: int) -> None:
     """The line before training: what runs where, with which batch and learning rate, and on a CPU
     how long it will take (training and validation)."""
@@ -104,6 +119,8 @@ def announce_training(prepared: Prepared, recipe: TrainConfig, first_epoch: int)
         f"({val_images:,} for validation), {epochs} epoch{'s' * (epochs != 1)}, "
         f"{recipe_note(config, recipe, train_images)}"
     )
+    if note := mirror_note(config, prepared.data.class_names):
+        print(note, file=sys.stderr, flush=True)
     if prepared.device.type != "cpu":
         print(f"{line}; the first epoch gives the ETA", file=sys.stderr, flush=True)
         return
