@@ -12,7 +12,8 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,12 +240,15 @@ def make_objective(config: TuneConfig, space: Mapping, data: ImageSet, parent_ru
         """The trial's value. A pruned trial's run ends FINISHED, tagged PRUNED: pruning is how a
         study is meant to work, not an error."""
         recipe = trial_config(config, suggest(trial, space))
-        with training_run(
-            recipe,
-            stage="tune trial",
-            run_name=trial_name(trial.number, trial.params),
-            parent_run_id=parent_run_id,
-        ) as run:
+        with (
+            quiet_optuna_on_ctrl_c(),
+            training_run(
+                recipe,
+                stage="tune trial",
+                run_name=trial_name(trial.number, trial.params),
+                parent_run_id=parent_run_id,
+            ) as run,
+        ):
             trial.set_user_attr(RUN_ID_ATTR, run.run_id)
             if retry_of := EndRunThenRetry.retry_history(frozen(trial))[-1:]:
                 mlflow.set_tag("retry_of_trial", retry_of[0])
@@ -260,6 +264,17 @@ def make_objective(config: TuneConfig, space: Mapping, data: ImageSet, parent_ru
         return outcome
 
     return objective
+
+
+@contextmanager
+def quiet_optuna_on_ctrl_c() -> Iterator[None]:
+    """Optuna logs the interrupted trial with a traceback before it stops; the tune run says in
+    one line what stopped and how to continue, so Optuna's warnings go quiet after a Ctrl-C."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        raise
 
 
 def twin_outcome(
@@ -381,8 +396,8 @@ def optimize(config: TuneConfig) -> TuneResult:
             raise Interrupted(
                 f"tune run {run.info.run_id} stopped by Ctrl-C with {done} of {config.n_trials} "
                 f"trials finished; the study keeps them (the one running is marked failed). "
-                f"Continue with: cifar10 tune --model {config.model} --study-name {study_name} "
-                f"--storage {storage}"
+                f"Continue with the same command: study {study_name} in {storage} goes on where "
+                "it stopped."
             ) from None
         trials = study.get_trials(deepcopy=False)
         counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
