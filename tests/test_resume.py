@@ -117,8 +117,8 @@ def test_each_id_that_is_not_a_train_run_gets_its_line(tracking):
     kinds = {
         "tune": "is a tune run; resume_run_id continues a train run only. To redo it, run tune "
         "again with -P study_name=",
-        "evaluate": "is a evaluate run; resume_run_id continues a train run only. To redo it, run "
-        "evaluate again with the same model_uri",
+        "evaluate": "is an evaluate run; resume_run_id continues a train run only. To redo it, "
+        "run evaluate again with the same model_uri",
         "predict": "is a predict run",
         "promote": "is a promote run",
         "main": "run main again: it reuses every finished step",

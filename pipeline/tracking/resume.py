@@ -74,9 +74,14 @@ def delete_checkpoints(run_id: str) -> str:
 NEW_RUN_ADVICE = "start a new run instead (leave resume_run_id empty)"
 
 
+def has_logged_config(run_id: str) -> bool:
+    """Whether the run got as far as logging `config.yaml` (what a new run logs first)."""
+    return "config.yaml" in {f.path for f in mlflow.MlflowClient().list_artifacts(run_id)}
+
+
 def stored_config(run: Run) -> TrainConfig | None:
     """The resolved config a run was started with (its `config.yaml`), None where it has none."""
-    if "config.yaml" not in {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id)}:
+    if not has_logged_config(run.info.run_id):
         return None
     values = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config.yaml"))
     return train_config_from(
@@ -88,9 +93,11 @@ def as_given(logged: str) -> str:
     """A parameter as the user gave it: `mlflow run` logs each shell-quoted (`''` for unset)."""
     try:
         parts = shlex.split(logged)
-    except ValueError:
+    except ValueError:  # not shell-quoted after all
         return logged
-    return parts[0] if len(parts) == 1 else logged if parts else ""
+    if not parts:
+        return ""
+    return parts[0] if len(parts) == 1 else logged
 
 
 def entry_point_config(run: Run) -> TrainConfig | None:
@@ -127,9 +134,10 @@ def what_resumes(run: Run) -> str | None:
         "promote": "run promote again",
         "preprocess": "run preprocess again",
     }.get(kind, "run its entry point again")
+    article = "an" if kind[0] in "aeiou" else "a"
     return (
-        f"run {run_id} is a {kind} run; resume_run_id continues a train run only. To redo it, "
-        f"{instead}."
+        f"run {run_id} is {article} {kind} run; resume_run_id continues a train run only. To redo "
+        f"it, {instead}."
     )
 
 

@@ -27,6 +27,7 @@ from pipeline.tracking.model_logging import log_classifier
 from pipeline.tracking.resume import (
     CHECKPOINT_FILE,
     delete_checkpoints,
+    has_logged_config,
     load_resume_checkpoint,
     logged_epochs,
     mlflow_epoch_logger,
@@ -110,23 +111,19 @@ class TrainingRun:
         loads its newest whole checkpoint (a run killed before it logged its inputs logs them
         now, as a new run would)."""
         self.prepared = prepare_training(self.recipe, data)
-        run = mlflow.get_run(self.run_id)
-        self.logged_config = self.resuming and "config.yaml" in {
-            f.path for f in mlflow.MlflowClient().list_artifacts(self.run_id)
-        }
+        name = mlflow.get_run(self.run_id).data.tags.get("mlflow.runName", self.run_id)
+        self.logged_config = self.resuming and has_logged_config(self.run_id)
         if self.logged_config:
             self.resume_from, self.next_slot = load_resume_checkpoint(self.run_id, self.scratch)
             self.logged = logged_epochs(self.run_id)
             self.epochs_done = self.checkpoint_epoch = self.first_epoch
-            mlflow.set_tag("resumed_from_epoch", self.first_epoch)
         else:
             self.log_inputs()
             if not self.named:
-                mlflow.set_tag(
-                    "mlflow.runName", run_name_of(self.resolved, self.prepared.data.source)
-                )
+                name = run_name_of(self.resolved, self.prepared.data.source)
+                mlflow.set_tag("mlflow.runName", name)
         if self.resuming:
-            name = run.data.tags.get("mlflow.runName", self.run_id)
+            mlflow.set_tag("resumed_from_epoch", self.first_epoch)
             print(
                 f"resuming run {self.run_id} ({name}) after epoch {self.first_epoch} of "
                 f"{self.resolved.epochs}"
