@@ -13,22 +13,16 @@ import difflib
 import functools
 import importlib
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeline.config import (
     OPTION_HELP,
-    EvaluateConfig,
-    PredictConfig,
-    PreprocessConfig,
-    PromoteConfig,
-    ServeConfig,
     TrainConfig,
-    TuneConfig,
     build_config,
     config_to_params,
+    entry_point_configs,
     model_defaults_path,
     read_yaml,
     resolve_train_config,
@@ -40,15 +34,7 @@ tracked in MLflow. Each command is also an MLflow Project entry point: `mlflow r
 --env-manager local -P name=value` takes the same options. `cifar10 <command> --help` lists a
 command's options with their defaults. Start with: cifar10 main --data-dir <images> --model fastnet"""
 
-CONFIGS: dict[str, type] = {
-    "preprocess": PreprocessConfig,
-    "train": TrainConfig,
-    "evaluate": EvaluateConfig,
-    "tune": TuneConfig,
-    "promote": PromoteConfig,
-    "serve": ServeConfig,
-    "predict": PredictConfig,
-}
+CONFIGS: dict[str, type] = entry_point_configs()
 MAIN_EXTRA = {"force_rerun": False}
 
 
@@ -78,16 +64,9 @@ def given(value: str) -> str | None:
     return value if value != "" else None
 
 
-STAGE_HELP = {
-    "preprocess": "check the data (unusable files, class counts), statistics and plots",
-    "train": "train one model; a tracked run that ends with a logged, servable model",
-    "evaluate": "score a logged model on a test split: metrics, plots, Grad-CAM",
-    "tune": "an Optuna study over experiments/search_spaces/<model>.yaml",
-    "promote": "register the best ResNet or fastnet and move the champion alias, if it earns it",
-    "serve": "MLflow's scoring app behind limits, a token and /metrics",
-    "predict": "score a folder, archive or glob of unlabelled images into a .csv/.parquet table",
-    "main": "preprocess -> train -> evaluate -> promote, reusing finished steps",
-}
+# `main` is the one command without a config of its own: train's options and force_rerun.
+MAIN_HELP = "preprocess -> train -> evaluate -> promote, reusing finished steps"
+STAGE_HELP = {name: config.ENTRY.help for name, config in CONFIGS.items()} | {"main": MAIN_HELP}
 
 
 def option_defaults(stage: str) -> dict[str, str]:
@@ -191,18 +170,12 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 STAGES: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
-    "preprocess": (
-        lambda o: build_config(PreprocessConfig, o),
-        "pipeline.preprocess:run_preprocess",
-    ),
-    "train": (resolve_train_config, "pipeline.train:run_train"),
-    "evaluate": (lambda o: build_config(EvaluateConfig, o), "pipeline.evaluate:run_evaluate"),
-    "tune": (lambda o: build_config(TuneConfig, o), "pipeline.tune:run_tune"),
-    "promote": (lambda o: build_config(PromoteConfig, o), "registry.promote:run_promote"),
-    "serve": (lambda o: build_config(ServeConfig, o), "registry.server:run_serve"),
-    "predict": (lambda o: build_config(PredictConfig, o), "pipeline.predict:run_predict"),
-    "main": (dict, "pipeline.workflow:run_main"),
-}
+    name: (
+        resolve_train_config if config is TrainConfig else functools.partial(build_config, config),
+        config.ENTRY.runs,
+    )
+    for name, config in CONFIGS.items()
+} | {"main": (dict, "pipeline.workflow:run_main")}
 
 
 def torch_pair_problem(torch_version: str, torchvision_version: str) -> str | None:
@@ -260,14 +233,6 @@ HTTP_RETRY_DEFAULTS = {
 }
 
 
-def in_the_users_words(message: str) -> str:
-    """Our messages name options as `-P name=value` (mlflow run); outside `mlflow run` a user typed
-    `--name value`, so that is the form they read."""
-    if os.environ.get("MLFLOW_RUN_ID"):
-        return message
-    return re.sub(r"-P ([a-z_]+)=", lambda m: f"--{m.group(1).replace('_', '-')} ", message)
-
-
 def name_refused_run(stage: str, message: str) -> None:
     """Under `mlflow run` the run exists before this process starts, named at random; one this
     process refuses is named for what it was and says why."""
@@ -307,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         dispatch(args)
     except PipelineError as error:
-        refuse(args.stage, in_the_users_words(str(error)))
+        refuse(args.stage, str(error))
     except KeyboardInterrupt as interrupt:
         said = str(interrupt) if isinstance(interrupt, Interrupted) else ""
         print(

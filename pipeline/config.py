@@ -13,7 +13,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -27,6 +27,16 @@ class ConfigError(PipelineError):
     """A config value or file a user can fix; the message says how."""
 
 
+@dataclass(frozen=True)
+class EntryPoint:
+    """An MLproject entry point and CLI command: its name, the stage function it runs (imported only
+    then) and its one-line help. Declaring one on a config class is what makes the command."""
+
+    name: str
+    runs: str  # "module:function"
+    help: str
+
+
 def required() -> Any:
     """A field the user must give (empty until then): MLproject and --help mark it required."""
     return field(default="", metadata={"required": True})
@@ -38,6 +48,12 @@ def is_required(config: type, name: str) -> bool:
 
 @dataclass
 class PreprocessConfig:
+    ENTRY: ClassVar[EntryPoint] = EntryPoint(
+        "preprocess",
+        "pipeline.preprocess:run_preprocess",
+        "check the data (unusable files, class counts), statistics and plots",
+    )
+
     data_dir: str = "data"
     val_fraction: float = 0.1
     seed: int = 0
@@ -54,6 +70,12 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 @dataclass
 class TrainConfig:
+    ENTRY: ClassVar[EntryPoint] = EntryPoint(
+        "train",
+        "pipeline.train:run_train",
+        "train one model; a tracked run that ends with a logged, servable model",
+    )
+
     model: str = "cnn"
     data_dir: str = "data"
     val_fraction: float = 0.1
@@ -124,6 +146,12 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
+    ENTRY: ClassVar[EntryPoint] = EntryPoint(
+        "evaluate",
+        "pipeline.evaluate:run_evaluate",
+        "score a logged model on a test split or a held-out folder: metrics, plots, Grad-CAM",
+    )
+
     model_uri: str = required()
     data_dir: str = "data"
     test_dir: str | None = None  # a held-out folder (or archive) of class folders, read whole
@@ -143,6 +171,12 @@ class EvaluateConfig:
 
 @dataclass
 class TuneConfig:
+    ENTRY: ClassVar[EntryPoint] = EntryPoint(
+        "tune",
+        "pipeline.tune:run_tune",
+        "an Optuna study over experiments/search_spaces/<model>.yaml",
+    )
+
     model: str = "cnn"
     n_trials: int = 20
     epochs: int = 10
@@ -179,6 +213,12 @@ class TuneConfig:
 
 @dataclass
 class PromoteConfig:
+    ENTRY: ClassVar[EntryPoint] = EntryPoint(
+        "promote",
+        "registry.promote:run_promote",
+        "register the best ResNet or fastnet and move the champion alias, if it earns it",
+    )
+
     model_name: str = "cifar10-resnet"
     metric: str = "best_val_accuracy"
     candidate_experiment: str | None = None
@@ -199,6 +239,12 @@ class PromoteConfig:
 class PredictConfig:
     """Batch scoring of unlabelled images: `input` a folder (searched recursively), an archive
     or a glob; `output` a .csv or .parquet file; `engine` local or spark."""
+
+    ENTRY: ClassVar[EntryPoint] = EntryPoint(
+        "predict",
+        "pipeline.predict:run_predict",
+        "score a folder, archive or glob of unlabelled images into a .csv/.parquet table",
+    )
 
     model_uri: str = required()
     input: str = required()
@@ -233,6 +279,12 @@ class ServeConfig:
     """The hardened server. The token itself is no parameter (`mlflow run` logs parameters, and a
     command line shows in `ps`): it comes from CIFAR10_SERVE_TOKEN or the file `token_file`."""
 
+    ENTRY: ClassVar[EntryPoint] = EntryPoint(
+        "serve",
+        "registry.server:run_serve",
+        "MLflow's scoring app behind limits, a token and /metrics",
+    )
+
     model_uri: str = "models:/cifar10-resnet@champion"
     host: str = "127.0.0.1"
     port: int = 5001
@@ -254,6 +306,15 @@ class ServeConfig:
                 "max_body_mb must be positive and batch_wait_ms not negative, got "
                 f"{self.max_body_mb} and {self.batch_wait_ms}."
             )
+
+
+def entry_point_configs() -> dict[str, type]:
+    """Every config class that declares an entry point, by command name, in the order above."""
+    return {
+        value.ENTRY.name: value
+        for value in globals().values()
+        if isinstance(value, type) and isinstance(getattr(value, "ENTRY", None), EntryPoint)
+    }
 
 
 def check_fraction(name: str, value: float) -> None:

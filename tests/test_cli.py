@@ -186,8 +186,3 @@ def test_help_opens_with_what_the_tool_does_without_importing_torch(tmp_path):
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert probe.stdout.strip().endswith("False")
-
-
-def test_a_hint_names_options_in_the_form_the_user_typed(tmp_path):
-    said = run_cli(tmp_path, "serve", "--model-uri", "models:/nothing@champion", check=False)
-    assert "--model-uri runs:/<run id>/model" in said and "-P model_uri" not in said

@@ -62,7 +62,7 @@ def test_tune_workers_opening_a_fresh_optuna_file_together_all_succeed(tmp_path,
 HOLD_A_RUN = """
 import sys, time
 from pipeline.tracking.runs import stage_run
-with stage_run(sys.argv[1], "held") as run:
+with stage_run("train", sys.argv[1], "held") as run:
     print(run.info.run_id, flush=True)
     time.sleep(600)
 """
@@ -84,7 +84,7 @@ def test_the_next_command_ends_a_killed_processs_run_and_leaves_a_live_ones(trac
         killed.kill()
         killed.wait()
         assert mlflow.get_run(killed_run).info.status == "RUNNING"
-        with stage_run(tracking, "next command"):
+        with stage_run("train", tracking, "next command"):
             pass
         ended = mlflow.get_run(killed_run)
         assert ended.info.status == "KILLED"

@@ -61,24 +61,35 @@ class EpochProgress:
 def seconds_per_image(
     model: nn.Module, batches: DeviceBatches, dtype: torch.dtype | None = None
 ) -> tuple[float, float]:
-    """A training step and a validation forward pass of a copy of `model` on up to 128 images,
-    each timed after one warm-up: enough to tell minutes from hours (smaller batches cost more per
-    image). Returns (training, validation) seconds per image."""
+    """Training steps and validation forward passes of a copy of `model` on one real batch (up to
+    256 images), the median of three after two warm-ups: the first steps build the CPU's kernels
+    and run several times slower, and one timing on a busy machine is noise. Returns (training,
+    validation) seconds per image."""
     probe = copy.deepcopy(model).train()
     images, labels = next(iter(batches))
-    images, labels = images[:128], labels[:128]
-    for _ in range(2):
-        started = time.perf_counter()
+    images, labels = images[:256], labels[:256]
+
+    def train_step() -> None:
         with autocast(batches.device, dtype):
             loss = nn.functional.cross_entropy(probe(images), labels)
         loss.backward()
-    training = (time.perf_counter() - started) / len(labels)
-    probe.eval()
-    with torch.no_grad(), autocast(batches.device, dtype):
-        for _ in range(2):
-            started = time.perf_counter()
+
+    def forward() -> None:
+        with torch.no_grad(), autocast(batches.device, dtype):
             probe(images)
-    return training, (time.perf_counter() - started) / len(labels)
+
+    def median_seconds(step) -> float:
+        times = []
+        for repeat in range(5):
+            started = time.perf_counter()
+            step()
+            if repeat >= 2:
+                times.append(time.perf_counter() - started)
+        return sorted(times)[1] / len(labels)
+
+    training = median_seconds(train_step)
+    probe.eval()
+    return training, median_seconds(forward)
 
 
 def recipe_note(config: TrainConfig, recipe: TrainConfig, train_images: int) -> str:
