@@ -286,6 +286,7 @@ class ServeConfig:
     )
 
     model_uri: str = "models:/cifar10-resnet@champion"
+    served_name: str = ""
     host: str = "127.0.0.1"
     port: int = 5001
     workers: int = 1
@@ -535,6 +536,8 @@ OPTION_HELP = {
     "timeout_s": "seconds a request may take",
     "max_batch_images": "micro-batching: most images in one forward pass (1 = off)",
     "batch_wait_ms": "micro-batching: longest wait for requests already decoding",
+    "served_name": "the name v2 / v1 clients call (/v2/models/<name>); default: the registered "
+    "model's name, or cifar10",
     "input": "folder (recursive), archive or glob of images to score",
     "output": "the table to write: a .csv or .parquet file",
     "engine": "local or spark",

@@ -34,8 +34,9 @@ from pipeline.data.sources import (
     load_test_set,
 )
 from pipeline.errors import PipelineError
-from pipeline.model.architectures import gradcam_target_layer, normalize
+from pipeline.model.architectures import normalize
 from pipeline.model.classifier import predict_in_chunks
+from pipeline.model.explaining import gradcam_maps, overlay
 from pipeline.tracking.model_logging import default_tta
 from pipeline.tracking.runs import (
     describe_run,
@@ -200,27 +201,20 @@ def plot_confident_mistakes(test: ImageSet, probabilities: np.ndarray, count: in
 
 def plot_gradcam(classifier, test: ImageSet, predicted: np.ndarray, per_class: int):
     """Grad-CAM overlays of the predicted class, `per_class` test images of each true class."""
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.image import show_cam_on_image
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-    model = classifier.model.eval()
     mean, std = classifier.meta["mean"], classifier.meta["std"]
     names = test.class_names
     chosen = [np.flatnonzero(test.labels == c)[:per_class] for c in range(len(names))]
     index = np.concatenate(chosen)
     batch = normalize(torch.from_numpy(test.images[index]).permute(0, 3, 1, 2), mean, std)
-    targets = [ClassifierOutputTarget(int(predicted[i])) for i in index]
-    with GradCAM(model=model, target_layers=[gradcam_target_layer(model)]) as cam:
-        heatmaps = cam(input_tensor=batch, targets=targets)
+    targets = [int(predicted[i]) for i in index]
+    heatmaps = classifier.batcher.call(lambda network: gradcam_maps(network, batch, targets))
     figure, axes = plt.subplots(
         len(names), 2 * per_class, figsize=(4 * per_class, len(names) * 1.6), squeeze=False
     )
     cells = [(row, col) for row, members in enumerate(chosen) for col in range(len(members))]
     for k, (i, (row, col)) in enumerate(zip(index, cells, strict=True)):
-        rgb = test.images[i].astype(np.float32) / 255
         axes[row, 2 * col].imshow(test.images[i])
-        axes[row, 2 * col + 1].imshow(show_cam_on_image(rgb, heatmaps[k], use_rgb=True))
+        axes[row, 2 * col + 1].imshow(overlay(test.images[i], heatmaps[k]))
         axes[row, 2 * col].set_title(f"true {names[test.labels[i]]}", fontsize=7)
         axes[row, 2 * col + 1].set_title(f"CAM for {names[predicted[i]]}", fontsize=7)
     for axis in axes.ravel():

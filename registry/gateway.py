@@ -12,7 +12,11 @@ what a hostile client needs, before MLflow's parser sees a byte:
   `{"error_code", "message", "request_id"}`, an unexpected one is a 500 whose trace goes to the
   server log under the request id;
 - `Authorization: Bearer <token>` on everything but /ping and /health when a token is set;
-- Prometheus metrics on /metrics.
+- Prometheus metrics on /metrics;
+- beside MLflow's routes, `ModelRoutes`: the Open Inference Protocol v2 (`/v2/...`), KServe's v1
+  `:predict` / `:explain` (registry/protocols.py translates them) and the page at `/` with its model
+  card, all calling the same pyfunc, under the same token, caps and clean errors (`{"error": ...}`
+  on the protocol routes, as their clients expect).
 
 Each guard is one small ASGI middleware (an `HttpGuard` and its `handle`) on Starlette's request
 and response types; `build_gateway` stacks them. A guard refuses by raising `Rejected`, which the outermost one (`Observed`) answers.
@@ -29,9 +33,11 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -41,10 +47,12 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 
 from pipeline.model.classifier import check_image_count
 from pipeline.model.decoding import InvalidImageError
+from registry import protocols
+from registry.protocols import ProtocolError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -54,8 +62,22 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 logger = logging.getLogger("cifar10.serve")
 
-OPEN_ROUTES = ("/ping", "/health")
-ROUTES = (*OPEN_ROUTES, "/version", "/invocations", "/metrics")
+PAGE_DIR = Path(__file__).with_name("page")
+# Open: the health checks (load balancers and Kubernetes probes carry no token) and the page's own
+# static files, which hold no model data (the page asks for everything else with the token).
+OPEN_ROUTES = ("/ping", "/health", "/v2/health/live", "/v2/health/ready", "/", "/page")
+ROUTES = (*OPEN_ROUTES, "/version", "/invocations", "/metrics", "/model-card", "/v2")
+V2_MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
+V1_MODEL_PATH = re.compile(r"^/v1/models/([^/:]+)(:predict|:explain)?$")
+PAGE_HEADERS = {
+    "content-security-policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+        "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "cache-control": "no-cache",
+}
 INPUT_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 MAX_MESSAGE_CHARS = 300
 DISCARD_AT_MOST = 8  # times the body cap: beyond that, a refused body closes the connection
@@ -86,6 +108,49 @@ class GatewaySettings:
     max_body_bytes: int = 16 * 2**20
     max_json_depth: int = 32
     token: str | None = None
+
+
+@dataclass
+class ServedModel:
+    """What `ModelRoutes` answers with: the loaded pyfunc, the name and version clients address
+    it by, and the model card the page shows."""
+
+    model: Any
+    name: str
+    version: str
+    class_names: list[str]
+    card: dict[str, Any] = field(default_factory=dict)
+    timeout_s: float = 60.0
+
+
+def route_of(path: str) -> str:
+    """A low-cardinality label for the metrics: the route's template, never a model name."""
+    if path in ROUTES:
+        return path
+    if path.startswith("/page/"):
+        return "/page"
+    if match := V2_MODEL_PATH.match(path):
+        versions = "/versions/{version}" if match.group(2) else ""
+        return f"/v2/models/{{name}}{versions}{match.group(3) or ''}"
+    if match := V1_MODEL_PATH.match(path):
+        return f"/v1/models/{{name}}{match.group(2) or ''}"
+    return "other"
+
+
+def is_protocol_route(path: str) -> bool:
+    """The v1/v2 routes answer errors as `{"error": ...}`, the shape their clients read."""
+    return path.startswith(("/v1/", "/v2/")) or path == "/v2"
+
+
+def body_route(path: str) -> str | None:
+    """Which kind of body a POST to `path` carries: "mlflow", "v2", "v1" or None (no body taken)."""
+    if path == "/invocations":
+        return "mlflow"
+    if (match := V2_MODEL_PATH.match(path)) and match.group(3) == "/infer":
+        return "v2"
+    if (match := V1_MODEL_PATH.match(path)) and match.group(2):
+        return "v1"
+    return None
 
 
 class Rejected(Exception):
@@ -155,8 +220,7 @@ def images_in(payload: dict[str, Any]) -> int:
     return len(data) if isinstance(data, list) else 1
 
 
-def parse_invocation(body: bytes, settings: GatewaySettings) -> int:
-    """Check an /invocations body the way MLflow will read it; return its number of images."""
+def check_depth(body: bytes, settings: GatewaySettings) -> None:
     if json_depth(body) > settings.max_json_depth:
         raise Rejected(
             400,
@@ -164,6 +228,11 @@ def parse_invocation(body: bytes, settings: GatewaySettings) -> int:
             f"the JSON is nested deeper than {settings.max_json_depth} levels; "
             'send {"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ...]}}.',
         )
+
+
+def parse_invocation(body: bytes, settings: GatewaySettings) -> int:
+    """Check an /invocations body the way MLflow will read it; return its number of images."""
+    check_depth(body, settings)
     try:
         payload = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
@@ -238,7 +307,8 @@ class Observed(HttpGuard):
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = uuid.uuid4().hex[:16]
         scope.setdefault("state", {})["request_id"] = request_id
-        route = scope["path"] if scope["path"] in ROUTES else "other"
+        route = route_of(scope["path"])
+        protocol = is_protocol_route(scope["path"])
         started = time.perf_counter()
         status: dict[str, int] = {}
 
@@ -256,11 +326,16 @@ class Observed(HttpGuard):
             if refusal.close:
                 headers["connection"] = "close"
             body = error_body(refusal.status, refusal.message, request_id)
+            if protocol:
+                body = {"error": refusal.message}
             await JSONResponse(body, refusal.status, headers)(scope, receive, send_with_id)
         except Exception:
             logger.exception("request %s failed", request_id)
             if not status:
-                await JSONResponse(internal_error(request_id), 500)(scope, receive, send_with_id)
+                body = internal_error(request_id)
+                if protocol:
+                    body = {"error": body["message"]}
+                await JSONResponse(body, 500)(scope, receive, send_with_id)
         finally:
             self.metrics.requests.labels(route, str(status.get("code", 500))).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
@@ -274,7 +349,9 @@ class BearerToken(HttpGuard):
         self.token = token
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.token and scope["path"] not in OPEN_ROUTES:
+        path = scope["path"]
+        is_open = path in OPEN_ROUTES or path.startswith("/page/")
+        if self.token and not is_open:
             given = Request(scope).headers.get("authorization")
             if given is None or not given.startswith("Bearer "):
                 raise Rejected(
@@ -300,32 +377,47 @@ class MetricsRoute(HttpGuard):
         await self.app(scope, receive, send)
 
 
-class InvocationBody(HttpGuard):
-    """/invocations: JSON only (415), a body cap counted from the headers and as chunks arrive
-    (413), then `parse_invocation`'s checks; MLflow's app gets the body already read."""
+class RequestBody(HttpGuard):
+    """Every POST that carries a body (/invocations, v2 infer, v1 predict/explain): the content
+    type it may have (415), a body cap counted from the headers and as chunks arrive (413), the
+    JSON depth limit; /invocations also gets `parse_invocation`'s checks. The route behind gets
+    the body already read."""
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics, settings: GatewaySettings) -> None:
         super().__init__(app, metrics)
         self.settings = settings
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["path"] == "/invocations" and scope["method"] == "POST":
-            body = await self.read(Request(scope, receive))
-            self.metrics.images.observe(parse_invocation(body, self.settings))
+        kind = body_route(scope["path"]) if scope["method"] == "POST" else None
+        if kind:
+            request = Request(scope, receive)
+            self.check_content_type(request, binary_allowed=kind == "v2")
+            body = await self.read(request)
+            if kind == "mlflow":
+                self.metrics.images.observe(parse_invocation(body, self.settings))
+            else:
+                header = request.headers.get(protocols.BINARY_HEADER)
+                json_part = body[: int(header)] if header and header.isdigit() else body
+                check_depth(json_part, self.settings)
             receive = replay(body, receive)
         await self.app(scope, receive, send)
 
-    async def read(self, request: Request) -> bytes:
+    def check_content_type(self, request: Request, binary_allowed: bool) -> None:
         content_type = request.headers.get("content-type", "").lower()
         mime, _, parameters = content_type.partition(";")
         charset = parameters.replace(" ", "").removeprefix("charset=")
+        if binary_allowed and mime.strip() in ("", "application/octet-stream"):
+            return
         if mime.strip() != "application/json" or (parameters and charset != "utf-8"):
             raise Rejected(
                 415,
                 "not_json",
                 f"send 'Content-Type: application/json' (got '{content_type[:60]}'); this server "
-                "takes JSON only.",
+                "takes JSON only"
+                f"{' (or the binary tensor extension, application/octet-stream)' if binary_allowed else ''}.",
             )
+
+    async def read(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -395,10 +487,133 @@ class CleanErrors(HttpGuard):
         return status, result
 
 
-def build_gateway(inner: ASGIApp, settings: GatewaySettings, metrics: ServerMetrics) -> ASGIApp:
-    """MLflow's scoring app behind the guards, outermost first."""
+class ModelRoutes(HttpGuard):
+    """The routes this project adds beside MLflow's: v2, KServe v1, the page and its model card.
+    Each calls the served pyfunc's own `predict` on a worker thread (as MLflow's app does), so
+    every protocol gives the same probabilities; anything else goes on to MLflow's app."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, served: ServedModel) -> None:
+        super().__init__(app, metrics)
+        self.served = served
+        self.page_files = {f"/page/{p.name}": p for p in PAGE_DIR.iterdir() if p.is_file()}
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path, method = scope["path"], scope["method"]
+        try:
+            answer = await self.answer(path, method, Request(scope, receive))
+        except ProtocolError as error:
+            raise Rejected(error.status, error.reason, error.message) from None
+        if answer is None:
+            await self.app(scope, receive, send)
+        else:
+            await answer(scope, receive, send)
+
+    async def answer(self, path: str, method: str, request: Request) -> Response | None:
+        served = self.served
+        if path == "/" or path in self.page_files:
+            allow(method, "GET")
+            page = self.page_files.get(path, PAGE_DIR / "index.html")
+            return FileResponse(page, headers=PAGE_HEADERS)
+        if path == "/model-card":
+            allow(method, "GET")
+            return JSONResponse(served.card)
+        if path == "/v2":
+            allow(method, "GET")
+            return JSONResponse({"name": "cifar10-serve", "version": served.version,
+                                 "extensions": ["binary_tensor_data"]})  # fmt: skip
+        if path in ("/v2/health/live", "/v2/health/ready"):
+            allow(method, "GET")
+            return JSONResponse({path.rsplit("/", 1)[1]: True})
+        if match := V2_MODEL_PATH.match(path):
+            self.check_model(match.group(1), match.group(2))
+            if match.group(3) == "/infer":
+                allow(method, "POST")
+                return await self.v2_infer(request)
+            allow(method, "GET")
+            if match.group(3) == "/ready":
+                return JSONResponse({"name": served.name, "ready": True})
+            return JSONResponse(
+                protocols.v2_model_metadata(served.name, served.version, served.class_names)
+            )
+        if match := V1_MODEL_PATH.match(path):
+            self.check_model(match.group(1), None)
+            if not match.group(2):
+                allow(method, "GET")
+                return JSONResponse({"name": served.name, "ready": True})
+            allow(method, "POST")
+            frame, params = protocols.parse_v1(await request.body())
+            explain = match.group(2) == ":explain"
+            result = await self.predict(frame, params | {"explain": explain})
+            answer = {"predictions": protocols.v1_predictions(result)}
+            if explain:
+                answer["explanations"] = protocols.v1_explanations(result)
+            return JSONResponse(answer)
+        return None
+
+    def check_model(self, name: str, version: str | None) -> None:
+        served = self.served
+        if name != served.name or (version is not None and version != served.version):
+            asked = f"{name}" + (f" version {version}" if version else "")
+            raise Rejected(
+                404,
+                "unknown_model",
+                f"model {asked[:80]!r} is not served here; this server serves {served.name!r} "
+                f"version {served.version} (GET /v2/models/{served.name}).",
+            )
+
+    async def v2_infer(self, request: Request) -> Response:
+        parsed = protocols.parse_v2_infer(
+            await request.body(), request.headers.get(protocols.BINARY_HEADER)
+        )
+        result = await self.predict(parsed.frame, parsed.params)
+        body, headers = protocols.v2_infer_response(
+            parsed, result, self.served.name, self.served.version
+        )
+        media_type = headers.pop("content-type")
+        return Response(body, media_type=media_type, headers=headers)
+
+    async def predict(self, frame: Any, params: dict[str, Any]) -> Any:
+        """The pyfunc's answer on a worker thread, within the server's request timeout."""
+        from mlflow.exceptions import MlflowException
+
+        self.metrics.images.observe(len(frame))
+        work = lambda: self.served.model.predict(frame, params=params)  # noqa: E731
+        try:
+            with anyio.fail_after(self.served.timeout_s):
+                result = await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+        except TimeoutError:
+            raise Rejected(
+                504, "timeout", f"the model did not answer within {self.served.timeout_s:g} s; "
+                "send fewer images per request."
+            ) from None  # fmt: skip
+        except MlflowException as error:
+            message = clean_message(error.message) or "the request could not be scored."
+            raise Rejected(400, "bad_image", message) from None
+        if params.get("explain") and "heatmap" not in result:
+            raise Rejected(
+                400, "cannot_explain", "this model was logged before explanations existed; "
+                "train it again (`mlflow run . -e train`) to explain its answers."
+            )  # fmt: skip
+        return result
+
+
+def allow(method: str, expected: str) -> None:
+    if method != expected and not (expected == "GET" and method == "HEAD"):
+        raise Rejected(405, "method_not_allowed", f"use {expected} on this route.")
+
+
+def build_gateway(
+    inner: ASGIApp,
+    settings: GatewaySettings,
+    metrics: ServerMetrics,
+    served: ServedModel | None = None,
+) -> ASGIApp:
+    """MLflow's scoring app behind the guards, outermost first; with `served`, the v2 / v1
+    routes and the page beside it."""
     app = CleanErrors(inner, metrics)
-    app = InvocationBody(app, metrics, settings)
+    if served is not None:
+        app = ModelRoutes(app, metrics, served)
+    app = RequestBody(app, metrics, settings)
     app = MetricsRoute(app, metrics)
     app = BearerToken(app, metrics, settings.token)
     return Observed(app, metrics)

@@ -131,9 +131,12 @@ def run_serve(config: ServeConfig) -> None:
     check_exposure(config, token)
     check_port(config.host, config.port)
     model_path = local_model(config.model_uri)
+    card = model_card(config.model_uri, model_path, config.served_name)
     os.environ[SETTINGS_ENV] = json.dumps(
         {
             "model_path": model_path,
+            "card": card,
+            "timeout_s": config.timeout_s,
             "max_body_bytes": int(config.max_body_mb * 2**20),
             "max_json_depth": config.max_json_depth,
             "model_config": {
@@ -149,7 +152,7 @@ def run_serve(config: ServeConfig) -> None:
     if config.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         metrics_dir = tempfile.mkdtemp(prefix="cifar10-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    print(serving_line(config, model_path, token), file=sys.stderr, flush=True)
+    print(serving_line(config, card, token), file=sys.stderr, flush=True)
     try:
         uvicorn.run(
             "registry.server:app_from_environment",
@@ -170,25 +173,75 @@ def run_serve(config: ServeConfig) -> None:
     )
 
 
-def serving_line(config: ServeConfig, model_path: str, token: str | None) -> str:
-    """What the server says on start: which model (registered name, version and alias where the
-    URI names them), its architecture, whether a token is needed, and where to call it."""
+def model_card(model_uri: str, model_path: str, name: str = "") -> dict:
+    """What the page shows and the v2 routes are named by: the registered name, version and alias
+    (where the URI names them), architecture, accuracies, training data and when it was trained,
+    and the run's address in the MLflow UI when the tracking server is one."""
+    import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
-    architecture = Model.load(model_path).metadata.get("architecture", "unknown architecture")
+    logged = Model.load(model_path)
+    card = {
+        "name": name or "cifar10",
+        "version": "1",
+        "alias": None,
+        "registered_name": None,
+        "model_uri": model_uri,
+        "architecture": logged.metadata.get("architecture", "unknown architecture"),
+        "class_names": list(logged.metadata.get("class_names", [])),
+        "run_id": logged.run_id,
+        "run_url": None,
+    }
+    client = MlflowClient()
+    try:
+        if match := re.fullmatch(r"models:/([^@/]+)@(.+)", model_uri):
+            version = client.get_model_version_by_alias(*match.groups())
+            card["alias"] = match.group(2)
+        elif match := re.fullmatch(r"models:/([^@/]+)/(\d+)", model_uri):
+            version = client.get_model_version(*match.groups())
+        else:
+            version = None
+        if version is not None:
+            card.update(registered_name=version.name, version=str(version.version))
+            card["name"] = name or version.name
+            card["run_id"] = version.run_id or card["run_id"]
+        if card["run_id"]:
+            run = client.get_run(card["run_id"])
+            metrics, tags = run.data.metrics, run.data.tags
+            card.update(
+                val_accuracy=metrics.get("best_val_accuracy"),
+                test_accuracy=metrics.get("test_accuracy"),
+                train_images=metrics.get("train_images"),
+                data=tags.get("data_source"),
+                data_digest=tags.get("lineage.data.train"),
+                trained=time.strftime(
+                    "%Y-%m-%d %H:%M UTC", time.gmtime(run.info.start_time / 1000)
+                ),
+            )
+            tracking = mlflow.get_tracking_uri()
+            if tracking.startswith(("http://", "https://")):
+                card["run_url"] = (
+                    f"{tracking.rstrip('/')}/#/experiments/{run.info.experiment_id}"
+                    f"/runs/{run.info.run_id}"
+                )
+    except MlflowException:
+        pass  # a model outside any registry still serves; its card shows what the model holds
+    return card
+
+
+def serving_line(config: ServeConfig, card: dict, token: str | None) -> str:
+    """What the server says on start: which model (registered name, version and alias where the
+    URI names them), its architecture, whether a token is needed, and where to call it."""
     what = config.model_uri
-    if match := re.fullmatch(r"models:/([^@/]+)@(.+)", config.model_uri):
-        name, alias = match.groups()
-        try:
-            version = MlflowClient().get_model_version_by_alias(name, alias).version
-            what = f"{name} version {version} (alias {alias})"
-        except MlflowException:
-            pass
+    if card["registered_name"]:
+        alias = f" (alias {card['alias']})" if card["alias"] else ""
+        what = f"{card['registered_name']} version {card['version']}{alias}"
     base = f"http://{config.host}:{config.port}"
     return (
-        f"serving {what}, {architecture}, at {base}/invocations; token "
+        f"serving {what}, {card['architecture']}, at {base}/invocations, "
+        f"{base}/v2/models/{card['name']}/infer and the page {base}/; token "
         f"{'required' if token else 'not required (loopback only)'}; metrics at {base}/metrics"
     )
 
@@ -213,11 +266,15 @@ def app_from_environment():
     """What each uvicorn worker builds: the logged model in MLflow's app, behind the gateway."""
     from mlflow.pyfunc import load_model, scoring_server
 
-    from registry.gateway import GatewaySettings, ServerMetrics, build_gateway
+    from registry.gateway import GatewaySettings, ServedModel, ServerMetrics, build_gateway
 
     keep_freed_memory()
     settings = json.loads(os.environ[SETTINGS_ENV])
     model = load_model(settings["model_path"], model_config=settings["model_config"])
+    card = settings["card"]
+    served = ServedModel(
+        model, card["name"], card["version"], card["class_names"], card, settings["timeout_s"]
+    )
     return build_gateway(
         scoring_server.init(model),
         GatewaySettings(
@@ -226,6 +283,7 @@ def app_from_environment():
             token=os.environ.get(TOKEN_ENV) or None,
         ),
         ServerMetrics(),
+        served,
     )
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import tarfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -131,3 +136,64 @@ def real_jpeg_archive() -> Path:
     if not REAL_JPEG_ARCHIVE.is_file():
         pytest.skip(f"real CIFAR-10 JPEG archive not found at {REAL_JPEG_ARCHIVE}")
     return REAL_JPEG_ARCHIVE
+
+
+@dataclass
+class TinyServer:
+    """A hardened server (a real process) for a tiny registered cnn with an evaluate run behind it."""
+
+    base: str
+    token: str
+    name: str
+    model_uri: str
+    tracking_uri: str
+    root: Path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tmp_path_factory: pytest.TempPathFactory):
+    """One server for the protocol and page tests: training it takes seconds (cnn, width 8)."""
+    from mlflow import MlflowClient
+
+    from pipeline.config import EvaluateConfig, resolve_train_config
+    from pipeline.evaluate import run_evaluate
+    from pipeline.train import run_train
+    from registry.server import TOKEN_ENV, hardened_command, wait_until_serving
+
+    root = tmp_path_factory.mktemp("tiny-server")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment("tiny-server", artifact_location=str(root / "artifacts"))
+    config = resolve_train_config(
+        {"model": "cnn", "data_dir": "synthetic", "epochs": 1, "width": 8,
+         "max_train_images": 64, "batch_size": 32, "experiment_name": "tiny-server"}
+    )  # fmt: skip
+    trained = run_train(config)
+    run_evaluate(EvaluateConfig(model_uri=trained.model_uri, data_dir="synthetic",
+                                gradcam_per_class=0, experiment_name="tiny-server"))  # fmt: skip
+    version = mlflow.register_model(trained.model_uri, "cifar10-tiny")
+    MlflowClient().set_registered_model_alias("cifar10-tiny", "champion", version.version)
+    mlflow.set_tracking_uri(previous)
+    token = "tiny-token-7d2e"
+    port = free_port()
+    log = (root / "server.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", *hardened_command("models:/cifar10-tiny@champion", port,
+                                                  "--max-body-mb", "1")],
+        env=os.environ | {"MLFLOW_TRACKING_URI": uri, TOKEN_ENV: token},
+        stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(base, process)
+        yield TinyServer(base, token, "cifar10-tiny", trained.model_uri, uri, root)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

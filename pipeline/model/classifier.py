@@ -24,6 +24,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pipeline.model.architectures import build_model, class_probabilities, normalize
 from pipeline.model.decoding import InvalidImageError, decode_image
+from pipeline.model.explaining import gradcam_maps, overlay_png_base64, target_classes
 from pipeline.model.imaging import encode_png
 from pipeline.model.micro_batcher import MICRO_BATCH_DEFAULTS, MicroBatcher
 
@@ -113,17 +114,49 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
     def predict(
         self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        """`params`: `tta` (flip test-time augmentation) and `on_error`: "raise" (a request with a
+        """`params`: `tta` (flip test-time augmentation); `on_error`: "raise" (a request with a
         bad image is refused whole, as the server answers) or "report" (batch scoring: a bad image
-        gets its message in an `error` column, the others are scored)."""
+        gets its message in an `error` column, the others are scored); `explain`: add a Grad-CAM
+        map per image for `target` (a class name or index; default: the predicted class) as
+        `explained_label`, `explained_class`, `heatmap` (32x32 in [0, 1]) and `heatmap_png` (the
+        map over the image, base64 PNG)."""
         params = params or {}
         report = params.get("on_error", "raise") == "report"
         try:
-            return self.classify(model_input, bool(params.get("tta", False)), report)
+            result, images = self.classify(model_input, bool(params.get("tta", False)), report)
+            if params.get("explain", False):
+                self.explain(result, images, params.get("target") or None)
+            return result
         except InvalidImageError as error:
             raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
 
-    def classify(self, model_input: pd.DataFrame, tta: bool, report: bool) -> pd.DataFrame:
+    def explain(self, result: pd.DataFrame, images: np.ndarray, target: str | None) -> None:
+        """Grad-CAM columns for the scored rows of `result` (whose pixels are `images`), computed
+        on the model's thread."""
+        scored = np.flatnonzero(result["label"].to_numpy() >= 0)
+        targets = target_classes(target, result["label"].to_numpy()[scored], self.class_names)
+        mean, std = self.meta["mean"], self.meta["std"]
+
+        def maps_of(network: torch.nn.Module) -> np.ndarray:
+            batch = normalize(torch.from_numpy(images).permute(0, 3, 1, 2), mean, std)
+            return gradcam_maps(network, batch, targets)
+
+        heatmaps = self.batcher.call(maps_of) if len(scored) else np.zeros((0, 32, 32))
+        labels, names = [-1] * len(result), [""] * len(result)
+        maps, pictures = [[] for _ in range(len(result))], [""] * len(result)
+        for row, image, heatmap, label in zip(scored, images, heatmaps, targets, strict=True):
+            labels[row], names[row] = label, self.class_names[label]
+            maps[row] = np.round(heatmap, 4).tolist()
+            pictures[row] = overlay_png_base64(image, heatmap)
+        result["explained_label"] = np.array(labels, dtype=np.int64)
+        result["explained_class"] = names
+        result["heatmap"] = maps
+        result["heatmap_png"] = pictures
+
+    def classify(
+        self, model_input: pd.DataFrame, tta: bool, report: bool
+    ) -> tuple[pd.DataFrame, np.ndarray]:
+        """The answer for each row, and the pixels of the rows that decoded."""
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if IMAGE_COLUMN not in frame.columns:
             raise InvalidImageError(
@@ -141,7 +174,8 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
                     if not report:
                         raise
                     errors[i] = str(error).removeprefix(f"image {i}: ")
-            scored = self.batcher.predict(np.stack(images), tta) if images else None
+            pixels = np.stack(images) if images else np.zeros((0, 32, 32, 3), np.uint8)
+            scored = self.batcher.predict(pixels, tta) if images else None
         labels, names, rows, next_scored = [], [], [], 0
         for error in errors:
             if error:
@@ -163,4 +197,4 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
         )
         if report:
             result["error"] = errors
-        return result
+        return result, pixels

@@ -28,6 +28,14 @@ class PendingRequest:
     answer: Future
 
 
+@dataclass
+class ModelJob:
+    """Work on the model that is not a plain forward pass (a Grad-CAM map): run alone, in turn."""
+
+    work: Callable[[Any], Any]
+    answer: Future
+
+
 class MicroBatcher:
     """Requests that arrive while a forward pass runs wait in a queue; when the thread is free it
     takes them all (up to `max_images`) and runs them as one pass, then hands each caller its own
@@ -47,7 +55,7 @@ class MicroBatcher:
         self.forward = forward
         self.max_images = max(1, int(max_images))
         self.wait_s = max(0.0, float(wait_s))
-        self.pending: queue.SimpleQueue[PendingRequest | None] = queue.SimpleQueue()
+        self.pending: queue.SimpleQueue[PendingRequest | ModelJob | None] = queue.SimpleQueue()
         self.callers = 0
         self.callers_lock = threading.Lock()
         built: Future = Future()
@@ -75,6 +83,14 @@ class MicroBatcher:
         self.pending.put(PendingRequest(images, tta, answer))
         return answer.result()
 
+    def call(self, work: Callable[[Any], Any]) -> Any:
+        """`work(model)` on the model's thread, between batches, never mixed into one."""
+        if not self.thread.is_alive():
+            raise RuntimeError("this model was closed; load it again to predict.")
+        answer: Future = Future()
+        self.pending.put(ModelJob(work, answer))
+        return answer.result()
+
     def stop(self) -> None:
         """End the thread once the requests already queued are answered."""
         self.pending.put(None)
@@ -86,21 +102,28 @@ class MicroBatcher:
             built.set_exception(error)
             return
         while (first := self.pending.get()) is not None:
-            batch, stopping = self.collect(first)
+            batch, jobs, stopping = self.collect(first)
             for tta in (False, True):
                 group = [request for request in batch if request.tta == tta]
                 if group:
                     self.run_together(group, tta)
+            for job in jobs:
+                self.run_job(job)
             if stopping:
                 return
 
-    def collect(self, first: PendingRequest) -> tuple[list[PendingRequest], bool]:
-        """The requests to run with `first`, and whether a stop came while collecting them."""
-        batch = [first]
+    def collect(
+        self, first: PendingRequest | ModelJob
+    ) -> tuple[list[PendingRequest], list[ModelJob], bool]:
+        """The requests to run with `first`, the jobs that came meanwhile (run after them), and
+        whether a stop came while collecting them."""
+        if isinstance(first, ModelJob):
+            return [], [first], False
+        batch, jobs = [first], []
         count = len(first.images)
         deadline = time.monotonic() + self.wait_s
         while count < self.max_images:
-            still_decoding = self.callers > len(batch)
+            still_decoding = self.callers > len(batch) + len(jobs)
             timeout = deadline - time.monotonic() if still_decoding else 0.0
             try:
                 item = (
@@ -109,10 +132,19 @@ class MicroBatcher:
             except queue.Empty:
                 break
             if item is None:
-                return batch, True
+                return batch, jobs, True
+            if isinstance(item, ModelJob):
+                jobs.append(item)
+                continue
             batch.append(item)
             count += len(item.images)
-        return batch, False
+        return batch, jobs, False
+
+    def run_job(self, job: ModelJob) -> None:
+        try:
+            job.answer.set_result(job.work(self.model))
+        except Exception as error:
+            job.answer.set_exception(error)
 
     def run_together(self, group: list[PendingRequest], tta: bool) -> None:
         try:

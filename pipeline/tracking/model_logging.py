@@ -6,6 +6,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Sequence
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,11 @@ OUTPUT_SCHEMA = Schema(
         ColSpec(DataType.long, "label"),
         ColSpec(DataType.string, "class_name"),
         ColSpec(Array(DataType.double), "probabilities"),
+        # with params={"explain": true} (pipeline/model/explaining.py)
+        ColSpec(DataType.long, "explained_label", required=False),
+        ColSpec(DataType.string, "explained_class", required=False),
+        ColSpec(Array(Array(DataType.double)), "heatmap", required=False),
+        ColSpec(DataType.string, "heatmap_png", required=False),
     ]
 )
 
@@ -45,6 +51,8 @@ def classifier_signature(tta: bool) -> ModelSignature:
             [
                 ParamSpec("tta", DataType.boolean, tta),
                 ParamSpec("on_error", DataType.string, "raise"),
+                ParamSpec("explain", DataType.boolean, False),
+                ParamSpec("target", DataType.string, ""),
             ]
         ),
     )
@@ -113,6 +121,7 @@ def log_classifier(
                 f"pillow=={PIL.__version__}",
                 f"pandas=={pd.__version__}",
                 f"numpy=={np.__version__}",
+                f"grad-cam=={version('grad-cam')}",  # params={"explain": true}
             ],
             metadata={"architecture": architecture, "class_names": list(class_names)},
         )
