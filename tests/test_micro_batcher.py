@@ -75,3 +75,24 @@ def test_stop_ends_the_thread_after_the_queued_requests_and_later_calls_are_refu
     assert not batcher.thread.is_alive()
     with pytest.raises(RuntimeError, match="closed"):
         ask(batcher, 4)
+
+
+def test_a_model_job_runs_on_the_model_thread_between_batches_never_inside_one():
+    forward = RecordingForward()
+    batcher = MicroBatcher(lambda: "the model", forward, max_images=64, wait_s=0.005)
+    seen = []
+
+    def job(model):
+        seen.append((model, threading.current_thread().name, len(forward.batches)))
+        return "explained"
+
+    with ThreadPoolExecutor(8) as pool:
+        plain = [pool.submit(ask, batcher, v) for v in range(6)]
+        jobs = [pool.submit(batcher.call, job) for _ in range(2)]
+        assert [j.result() for j in jobs] == ["explained", "explained"]
+        assert [p.result()[0, 0] for p in plain] == list(range(6))
+    assert [(model, thread) for model, thread, _ in seen] == [("the model", "torch")] * 2
+    assert sum(forward.batches) == 6  # the jobs added no image to any batch
+    with pytest.raises(ZeroDivisionError):
+        batcher.call(lambda model: 1 / 0)
+    assert ask(batcher, 7)[0, 0] == 7  # a failed job leaves the thread serving
