@@ -326,9 +326,29 @@ def set_frozen(model: nn.Module, name: str, frozen: bool) -> None:
             parameter.requires_grad_(not frozen)
 
 
-def gradcam_target_layer(model: nn.Module) -> nn.Module:
-    """The last convolution: the deepest layer that still has a spatial map, for any architecture."""
+def gradcam_target_layer(model: nn.Module, image_size: int = 32) -> nn.Module:
+    """The deepest convolution whose output still has a spatial map (more than 1x1) for a 32x32
+    input, for any architecture: on an ImageNet-stem ResNet the last convolution sees 1x1 there,
+    and a map of one cell explains nothing."""
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ValueError("Grad-CAM needs a model with at least one Conv2d layer.")
-    return convs[-1]
+    cells: dict[nn.Module, int] = {}
+    hooks = [
+        conv.register_forward_hook(
+            lambda module, _, output: cells.__setitem__(module, output.shape[-2] * output.shape[-1])
+        )
+        for conv in convs
+    ]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            model(torch.zeros(1, 3, image_size, image_size, device=device))
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    spatial = [conv for conv in convs if cells.get(conv, 0) > 1]
+    return spatial[-1] if spatial else convs[-1]
