@@ -253,6 +253,7 @@ class PredictConfig:
     spark_master: str = "local[*]"
     batch_size: int = 256
     tta: bool | None = None  # None: the model's own default (what its validation used)
+    explain: bool = False
     experiment_name: str | None = None
 
     def __post_init__(self) -> None:
@@ -272,6 +273,11 @@ class PredictConfig:
             raise ConfigError(f"engine must be local or spark, got {self.engine!r}.")
         if not 1 <= self.batch_size <= 1024:
             raise ConfigError(f"batch_size must be between 1 and 1024, got {self.batch_size}.")
+        if self.explain and self.engine == "spark":
+            raise ConfigError(
+                "explain works with engine=local (Spark's result columns are fixed); score with "
+                "-P engine=local -P explain=true, or leave explain off on Spark."
+            )
 
 
 @dataclass
@@ -541,6 +547,7 @@ OPTION_HELP = {
     "input": "folder (recursive), archive or glob of images to score",
     "output": "the table to write: a .csv or .parquet file",
     "engine": "local or spark",
+    "explain": "add each image's Grad-CAM map (explained_class, heatmap_png columns; local engine)",
     "spark_master": "Spark master URL (local[*], spark://host:7077)",
     "force_rerun": "run every step again instead of reusing finished ones",
     "experiment_name": "the MLflow experiment (default: cifar10)",

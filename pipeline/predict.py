@@ -94,11 +94,14 @@ def read_bytes(path: Path) -> bytes | str:
         return f"cannot read the file ({error.strerror})"
 
 
-def score_chunk(model: mlflow.pyfunc.PyFuncModel, paths: list[Path], tta: bool) -> pd.DataFrame:
+def score_chunk(
+    model: mlflow.pyfunc.PyFuncModel, paths: list[Path], tta: bool, explain: bool = False
+) -> pd.DataFrame:
     """The pyfunc's answer for a chunk of files, one row each; unreadable files keep their error."""
     contents = [read_bytes(path) for path in paths]
     frame = pd.DataFrame({IMAGE_COLUMN: [c if isinstance(c, bytes) else b"" for c in contents]})
-    scored = model.predict(frame, params={"tta": tta, **SCORE_OPTIONS})
+    params = {"tta": tta, **SCORE_OPTIONS} | ({"explain": True} if explain else {})
+    scored = model.predict(frame, params=params)
     unread = [c if isinstance(c, str) else "" for c in contents]
     scored["error"] = [u or e for u, e in zip(unread, scored["error"], strict=True)]
     return scored
@@ -136,7 +139,7 @@ def score_local(
     try:
         for start in range(0, len(inputs.files), config.batch_size):
             chunk = inputs.files[start : start + config.batch_size]
-            frames.append(score_chunk(model, chunk, config.tta))
+            frames.append(score_chunk(model, chunk, config.tta, config.explain))
             progress.update(len(chunk))
     finally:
         progress.close()
@@ -188,7 +191,8 @@ def score_spark(inputs: InputFiles, config: PredictConfig) -> pd.DataFrame:
 
 
 def prediction_table(scored: pd.DataFrame, class_names: list[str]) -> pd.DataFrame:
-    """path, class_name, label, confidence, one probability column per class, error."""
+    """path, class_name, label, confidence, one probability column per class, (with explain:
+    explained_class and heatmap_png, the Grad-CAM overlay as base64 PNG), error."""
     ok = scored["error"] == ""
     rows = ok.to_numpy()
     probabilities = np.full((len(scored), len(class_names)), np.nan)
@@ -206,6 +210,9 @@ def prediction_table(scored: pd.DataFrame, class_names: list[str]) -> pd.DataFra
     )
     for index, name in enumerate(class_names):
         table[f"p_{name}"] = probabilities[:, index]
+    if "heatmap_png" in scored:
+        table["explained_class"] = scored["explained_class"]
+        table["heatmap_png"] = scored["heatmap_png"]
     table["error"] = scored["error"]
     return table
 

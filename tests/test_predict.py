@@ -1,5 +1,7 @@
 """Batch scoring: folders, archives and globs into one table, on this machine and on Spark."""
 
+import base64
+import io
 import shutil
 import tarfile
 
@@ -7,6 +9,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from pipeline.config import ConfigError, PredictConfig, resolve_train_config
 from pipeline.data.image_folder import UnsafeArchiveError
@@ -82,6 +85,19 @@ def test_a_folder_is_scored_row_per_file_and_a_bad_file_gets_its_error(
     assert "scored 14 of 14 files" in out.err  # the log-file progress line
 
 
+def test_explain_adds_each_images_grad_cam_overlay_and_leaves_bad_files_without_one(
+    model_uri, tracking, photos, tmp_path
+):
+    table = scored(model_uri, tracking, photos, tmp_path / "explained.parquet", explain=True)
+    assert list(table.columns)[-3:] == ["explained_class", "heatmap_png", "error"]
+    good = table[table["error"].isna() | (table["error"] == "")]
+    assert (good["explained_class"] == good["class_name"]).all()
+    overlay = Image.open(io.BytesIO(base64.b64decode(good["heatmap_png"].iloc[0])))
+    assert overlay.size == (32, 32)
+    bad = table.set_index("path").loc[["holiday/broken.jpg", "notes.txt"]]
+    assert (bad["heatmap_png"].fillna("") == "").all()
+
+
 def test_spark_gives_the_same_table_row_for_row(model_uri, tracking, photos, tmp_path):
     pytest.importorskip("pyspark")
     if shutil.which("java") is None:
@@ -133,6 +149,7 @@ def test_an_archive_member_outside_its_folder_is_refused_and_nothing_written(
         ({"output": "predictions.json"}, "output must end in .csv or .parquet"),
         ({"input": ""}, "input is required"),
         ({"engine": "dask"}, "engine must be local or spark"),
+        ({"engine": "spark", "explain": True}, "explain works with engine=local"),
     ],
 )
 def test_bad_settings_name_the_fix(settings, message):
