@@ -18,11 +18,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipeline.config import (
-    OPTION_HELP,
     TrainConfig,
     build_config,
     config_to_params,
     entry_point_configs,
+    field_help,
     model_defaults_path,
     read_yaml,
     resolve_train_config,
@@ -36,6 +36,7 @@ command's options with their defaults. Start with: cifar10 main --data-dir <imag
 
 CONFIGS: dict[str, type] = entry_point_configs()
 MAIN_EXTRA = {"force_rerun": False}
+MAIN_EXTRA_HELP = {"force_rerun": "run every step again instead of reusing finished ones"}
 
 
 @functools.cache
@@ -81,22 +82,22 @@ def option_defaults(stage: str) -> dict[str, str]:
     return defaults
 
 
-def option_help(name: str) -> str:
-    """The option's description; a model option without one names the models that take it."""
+def option_help(name: str, stage: str | None = None) -> str:
+    """The option's description: its field's help (the stage's own first), or a model option's
+    help with the models that take it."""
     if name == "model":
         from pipeline.model.architectures import model_names
 
         return f"architecture: {', '.join(model_names())}"
-    if name in OPTION_HELP:
-        return OPTION_HELP[name]
-    from pipeline.model.architectures import option_owners
+    if name in MAIN_EXTRA_HELP:
+        return MAIN_EXTRA_HELP[name]
+    own = TrainConfig if stage == "main" else CONFIGS.get(stage or "")
+    for config in ([own] if own else []) + list(CONFIGS.values()):
+        if text := field_help(config, name):
+            return text
+    from pipeline.model.architectures import described_option
 
-    owners = option_owners().get(name)
-    return (
-        f"{', '.join(owners)}: a constructor option (pipeline/model/architectures.py)"
-        if owners
-        else ""
-    )
+    return described_option(name)
 
 
 def add_options(parser: argparse.ArgumentParser, stage: str, names: Sequence[str]) -> None:
@@ -114,7 +115,7 @@ def add_options(parser: argparse.ArgumentParser, stage: str, names: Sequence[str
             dest=name,
             type=given,
             metavar="VALUE",
-            help=option_help(name) + shown,
+            help=option_help(name, stage) + shown,
         )
 
 

@@ -37,9 +37,50 @@ class EntryPoint:
     help: str
 
 
-def required() -> Any:
+# Help shared by the options several entry points take.
+DATA_DIR_HELP = (
+    "image-folder tree, archive of one, official CIFAR-10 batches, or 'synthetic'; only the "
+    "default 'data' downloads CIFAR-10"
+)
+VAL_FRACTION_HELP = "share of the training images held out (stratified) for validation"
+SEED_HELP = "seed of the validation split, the initialization and the augmentation"
+DOWNLOAD_HELP = "download CIFAR-10 into data_dir when absent (default: only for 'data')"
+SKIP_BAD_IMAGES_HELP = "skip unreadable files instead of stopping (they are logged)"
+EXPERIMENT_NAME_HELP = "the MLflow experiment (default: cifar10)"
+MAX_TRAIN_IMAGES_HELP = (
+    "train on at most this many of the training split's images (class balance kept; 0 = all); "
+    "validation is never capped"
+)
+EPOCHS_HELP = "passes over the training split"
+BATCH_SIZE_HELP = (
+    "images per training step (train; scaled to small sets when it comes from the recipe) or per "
+    "scoring chunk (evaluate, predict)"
+)
+TTA_HELP = (
+    "average with the mirrored image (flip test-time augmentation); train: in validation and as "
+    "the logged model's default; evaluate, predict: default the model's"
+)
+MODEL_URI_HELP = (
+    "an MLflow model URI: runs:/<run_id>/model, models:/m-<id>, models:/cifar10-resnet@champion"
+)
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field with the text `--help` shows for it beside it."""
+    return field(default=default, metadata={"help": help})
+
+
+def required(help: str) -> Any:
     """A field the user must give (empty until then): MLproject and --help mark it required."""
-    return field(default="", metadata={"required": True})
+    return field(default="", metadata={"required": True, "help": help})
+
+
+def field_help(config: type, name: str) -> str:
+    """The help text of one field of a config class ("" when it has none)."""
+    for f in dataclasses.fields(config):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    return ""
 
 
 def is_required(config: type, name: str) -> bool:
@@ -54,12 +95,12 @@ class PreprocessConfig:
         "check the data (unusable files, class counts), statistics and plots",
     )
 
-    data_dir: str = "data"
-    val_fraction: float = 0.1
-    seed: int = 0
-    download: bool | None = None  # None: only the default data_dir downloads CIFAR-10
-    skip_bad_images: bool = False
-    experiment_name: str | None = None
+    data_dir: str = option("data", DATA_DIR_HELP)
+    val_fraction: float = option(0.1, VAL_FRACTION_HELP)
+    seed: int = option(0, SEED_HELP)
+    download: bool | None = option(None, DOWNLOAD_HELP)
+    skip_bad_images: bool = option(False, SKIP_BAD_IMAGES_HELP)
+    experiment_name: str | None = option(None, EXPERIMENT_NAME_HELP)
 
     def __post_init__(self) -> None:
         check_fraction("val_fraction", self.val_fraction)
@@ -77,46 +118,70 @@ class TrainConfig:
     )
 
     model: str = "cnn"
-    data_dir: str = "data"
-    val_fraction: float = 0.1
-    seed: int = 0
-    max_train_images: int = 0
-    download: bool | None = None  # None: only the default data_dir downloads CIFAR-10
-    skip_bad_images: bool = False
-    epochs: int = 20
-    batch_size: int = 128
-    eval_batch_size: int = 512
-    optimizer: str = "adamw"
-    lr: float = 2e-3
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"
-    warmup_fraction: float = 0.2
-    label_smoothing: float = 0.1
-    crop_padding: int = 4
-    flip: bool = True
-    cutout: int = 0
-    tta: bool = False
-    bias_lr_factor: float = 1.0
-    lookahead_steps: int = 0
-    precision: str = "auto"
-    patience: int = 0
+    data_dir: str = option("data", DATA_DIR_HELP)
+    val_fraction: float = option(0.1, VAL_FRACTION_HELP)
+    seed: int = option(0, SEED_HELP)
+    max_train_images: int = option(0, MAX_TRAIN_IMAGES_HELP)
+    download: bool | None = option(None, DOWNLOAD_HELP)
+    skip_bad_images: bool = option(False, SKIP_BAD_IMAGES_HELP)
+    epochs: int = option(20, EPOCHS_HELP)
+    batch_size: int = option(128, BATCH_SIZE_HELP)
+    eval_batch_size: int = option(512, "images per validation forward pass")
+    optimizer: str = option("adamw", "adamw or sgd (Nesterov)")
+    lr: float = option(2e-3, "peak learning rate (scaled with a recipe batch size that was scaled)")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(5e-4, "decoupled (AdamW) or L2 (SGD) weight decay")
+    schedule: str = option("onecycle", "onecycle, cosine or constant")
+    warmup_fraction: float = option(0.2, "share of the steps spent warming the learning rate up")
+    label_smoothing: float = option(0.1, "cross-entropy label smoothing")
+    crop_padding: int = option(4, "pixels of padding for random crops (0 = no crops)")
+    flip: bool = option(True, "random horizontal flips")
+    cutout: int = option(0, "side of a random square blanked in each image (0 = off)")
+    tta: bool = option(False, TTA_HELP)
+    bias_lr_factor: float = option(
+        1.0, "learning-rate factor for normalization biases (their weight decay per step unchanged)"
+    )
+    lookahead_steps: int = option(
+        0,
+        "every this many steps the weights move to their running average, whose decay grows "
+        "towards the end of training (airbench's lookahead: 5; 0 = off)",
+    )
+    precision: str = option(
+        "auto",
+        "auto (bfloat16 where the device computes it natively: CUDA, CPUs with AVX512-BF16 or "
+        "AMX), bf16 or fp32",
+    )
+    patience: int = option(
+        0, "stop after this many epochs without a better validation accuracy (0 = never)"
+    )
     # The model's own options (pipeline/model/architectures.py declares them with defaults); every one is filled.
     options: dict[str, Any] = field(default_factory=dict)
-    pretrained: bool = False
-    weights_path: str | None = None
-    freeze_epochs: int = 0
-    finetune_lr_factor: float = 0.1
-    compile: bool = False
-    checkpoint_seconds: float = 60.0
-    keep_checkpoints: bool = False
-    stop_if_not_learning: bool = True
+    pretrained: bool = option(False, "start from ImageNet weights (resnet18_pretrained, vgg16_*)")
+    weights_path: str | None = option(
+        None, "a local file of ImageNet weights, instead of torchvision's download"
+    )
+    freeze_epochs: int = option(0, "vgg16_finetune: epochs with frozen features before unfreezing")
+    finetune_lr_factor: float = option(0.1, "vgg16_finetune: learning-rate factor once unfrozen")
+    compile: bool = option(False, "torch.compile the model (CUDA)")
+    checkpoint_seconds: float = option(
+        60.0, "write a resume checkpoint at most this often (and after the last epoch)"
+    )
+    keep_checkpoints: bool = option(
+        False, "keep the resume checkpoints of a finished run (they are deleted otherwise)"
+    )
+    stop_if_not_learning: bool = option(
+        True, "stop a run the watchdog finds at chance after 3 epochs or diverging"
+    )
     # Recipe values (batch_size, lr) that came from experiments/<model>.yaml alone, so that
     # `scaled_to_data` may adapt them to the training-set size; never an explicit value.
     from_recipe: list[str] = field(default_factory=list)
-    resume_run_id: str | None = None
-    experiment_name: str | None = None
-    config: str | None = None
+    resume_run_id: str | None = option(
+        None, "continue this killed or failed train run where it stopped"
+    )
+    experiment_name: str | None = option(None, EXPERIMENT_NAME_HELP)
+    config: str | None = option(
+        None, "a YAML file of train parameters (e.g. tune's best_config.yaml) over the model's"
+    )
 
     def __post_init__(self) -> None:
         check_fraction("val_fraction", self.val_fraction)
@@ -152,20 +217,29 @@ class EvaluateConfig:
         "score a logged model on a test split or a held-out folder: metrics, plots, Grad-CAM",
     )
 
-    model_uri: str = required()
-    data_dir: str = "data"
-    test_dir: str | None = None  # a held-out folder (or archive) of class folders, read whole
-    batch_size: int = 500
-    tta: bool | None = None  # None: the model's own default (what its validation used)
-    gradcam_per_class: int = 2
-    download: bool | None = None  # None: only the default data_dir downloads CIFAR-10
-    skip_bad_images: bool = False
-    experiment_name: str | None = None
+    model_uri: str = required(
+        "an MLflow model URI: runs:/<run_id>/model, models:/m-<id>, models:/cifar10-resnet@champion"
+    )
+    data_dir: str = option("data", DATA_DIR_HELP)
+    test_dir: str | None = option(
+        None,
+        "evaluate: a held-out folder or archive of class folders (held_out/<class>/*), read whole"
+        " as the test split instead of data_dir's",
+    )  # a held-out folder (or archive) of class folders, read whole
+    batch_size: int = option(500, BATCH_SIZE_HELP)
+    tta: bool | None = option(
+        None, TTA_HELP
+    )  # None: the model's own default (what its validation used)
+    gradcam_per_class: int = option(2, "Grad-CAM overlays per class (0 = none)")
+    download: bool | None = option(None, DOWNLOAD_HELP)
+    skip_bad_images: bool = option(False, SKIP_BAD_IMAGES_HELP)
+    experiment_name: str | None = option(None, EXPERIMENT_NAME_HELP)
 
     def __post_init__(self) -> None:
         if not self.model_uri:
             raise ConfigError(
-                "model_uri is required, e.g. runs:/<run_id>/model or models:/cifar10-resnet@champion."
+                "model_uri is required, e.g. runs:/<run_id>/model or "
+                "models:/cifar10-resnet@champion."
             )
 
 
@@ -178,24 +252,30 @@ class TuneConfig:
     )
 
     model: str = "cnn"
-    n_trials: int = 20
-    epochs: int = 10
-    max_train_images: int = 0
-    data_dir: str = "data"
-    skip_bad_images: bool = False
-    val_fraction: float = 0.1
-    storage: str | None = None
-    study_name: str | None = None
-    seed: int = 0
-    sampler_seed: int | None = None
-    startup_trials: int = 10
-    n_jobs: int = 1
-    pruner: str = "median"
-    prune_after_epochs: int = 0
-    search_space: str | None = None
-    timeout_seconds: float | None = None
-    heartbeat_seconds: int = 30
-    experiment_name: str | None = None
+    n_trials: int = option(20, "trials to finish in this study (all workers together)")
+    epochs: int = option(10, EPOCHS_HELP)
+    max_train_images: int = option(0, MAX_TRAIN_IMAGES_HELP)
+    data_dir: str = option("data", DATA_DIR_HELP)
+    skip_bad_images: bool = option(False, SKIP_BAD_IMAGES_HELP)
+    val_fraction: float = option(0.1, VAL_FRACTION_HELP)
+    storage: str | None = option(
+        None, "Optuna storage URL (default: optuna.db beside the tracking store)"
+    )
+    study_name: str | None = option(None, "the study to create or resume (default: <model>-tune)")
+    seed: int = option(0, SEED_HELP)
+    sampler_seed: int | None = option(None, "TPE seed of this worker (default: seed)")
+    startup_trials: int = option(10, "random trials before TPE takes over")
+    n_jobs: int = option(1, "trials in threads of this process (prefer more processes on a CPU)")
+    pruner: str = option("median", "median, hyperband or none")
+    prune_after_epochs: int = option(0, "judge no trial before this epoch (default: 3/4 of epochs)")
+    search_space: str | None = option(
+        None, "a YAML search space (default: experiments/search_spaces/<model>.yaml)"
+    )
+    timeout_seconds: float | None = option(None, "stop starting trials after this many seconds")
+    heartbeat_seconds: int = option(
+        30, "Optuna heartbeat; a worker silent for 3 beats has its trial retried"
+    )
+    experiment_name: str | None = option(None, EXPERIMENT_NAME_HELP)
 
     def __post_init__(self) -> None:
         check_fraction("val_fraction", self.val_fraction)
@@ -219,20 +299,23 @@ class PromoteConfig:
         "register the best ResNet or fastnet and move the champion alias, if it earns it",
     )
 
-    model_name: str = "cifar10-resnet"
-    metric: str = "best_val_accuracy"
-    candidate_experiment: str | None = None
+    model_name: str = option("cifar10-resnet", "the registered model")
+    metric: str = option("best_val_accuracy", "the validation metric candidates are ranked by")
+    candidate_experiment: str | None = option(
+        None, "look for candidates in this experiment instead"
+    )
     # fastnet earns its place: the one architecture that trains a servable champion on a CPU.
     architectures: list[str] = field(
-        default_factory=lambda: ["resnet18", "resnet18_pretrained", "fastnet"]
+        default_factory=lambda: ["resnet18", "resnet18_pretrained", "fastnet"],
+        metadata={"help": "comma-separated architectures that may be promoted"},
     )
-    min_delta: float = 0.0
-    min_accuracy: float = 0.0
-    alpha: float = 0.05
-    force: bool = False
-    rollback: bool = False
-    batch_size: int = 500
-    experiment_name: str | None = None
+    min_delta: float = option(0.0, "a challenger must beat the champion by at least this accuracy")
+    min_accuracy: float = option(0.0, "a first champion needs at least this validation accuracy")
+    alpha: float = option(0.05, "significance level of the promotion tests")
+    force: bool = option(False, "promote the best candidate without the gates")
+    rollback: bool = option(False, "swap the champion and previous aliases back")
+    batch_size: int = option(500, BATCH_SIZE_HELP)
+    experiment_name: str | None = option(None, EXPERIMENT_NAME_HELP)
 
 
 @dataclass
@@ -246,15 +329,21 @@ class PredictConfig:
         "score a folder, archive or glob of unlabelled images into a .csv/.parquet table",
     )
 
-    model_uri: str = required()
-    input: str = required()
-    output: str = required()
-    engine: str = "local"
-    spark_master: str = "local[*]"
-    batch_size: int = 256
-    tta: bool | None = None  # None: the model's own default (what its validation used)
-    explain: bool = False
-    experiment_name: str | None = None
+    model_uri: str = required(
+        "an MLflow model URI: runs:/<run_id>/model, models:/m-<id>, models:/cifar10-resnet@champion"
+    )
+    input: str = required("folder (recursive), archive or glob of images to score")
+    output: str = required("the table to write: a .csv or .parquet file")
+    engine: str = option("local", "local or spark")
+    spark_master: str = option("local[*]", "Spark master URL (local[*], spark://host:7077)")
+    batch_size: int = option(256, BATCH_SIZE_HELP)
+    tta: bool | None = option(
+        None, TTA_HELP
+    )  # None: the model's own default (what its validation used)
+    explain: bool = option(
+        False, "add each image's Grad-CAM map (explained_class, heatmap_png columns; local engine)"
+    )
+    experiment_name: str | None = option(None, EXPERIMENT_NAME_HELP)
 
     def __post_init__(self) -> None:
         for name, example in (
@@ -291,18 +380,28 @@ class ServeConfig:
         "MLflow's scoring app behind limits, a token and /metrics",
     )
 
-    model_uri: str = "models:/cifar10-resnet@champion"
-    served_name: str = ""
-    host: str = "127.0.0.1"
-    port: int = 5001
-    workers: int = 1
-    token_file: str = ""
-    allow_unauthenticated: bool = False
-    max_body_mb: float = 16.0
-    max_json_depth: int = 32
-    timeout_s: int = 60
-    max_batch_images: int = MICRO_BATCH_DEFAULTS["max_batch_images"]
-    batch_wait_ms: float = MICRO_BATCH_DEFAULTS["batch_wait_ms"]
+    model_uri: str = option("models:/cifar10-resnet@champion", MODEL_URI_HELP)
+    served_name: str = option(
+        "",
+        "the name v2 / v1 clients call (/v2/models/<name>); default: the registered model's name,"
+        " or cifar10",
+    )
+    host: str = option("127.0.0.1", "address to listen on (beyond loopback a token is required)")
+    port: int = option(5001, "TCP port to listen on")
+    workers: int = option(1, "uvicorn worker processes")
+    token_file: str = option("", "file holding the bearer token (or set CIFAR10_SERVE_TOKEN)")
+    allow_unauthenticated: bool = option(False, "serve a public address without a token")
+    max_body_mb: float = option(16.0, "largest request body accepted")
+    max_json_depth: int = option(32, "deepest JSON nesting accepted")
+    timeout_s: int = option(60, "seconds a request may take")
+    max_batch_images: int = option(
+        MICRO_BATCH_DEFAULTS["max_batch_images"],
+        "micro-batching: most images in one forward pass (1 = off)",
+    )
+    batch_wait_ms: float = option(
+        MICRO_BATCH_DEFAULTS["batch_wait_ms"],
+        "micro-batching: longest wait for requests already decoding",
+    )
 
     def __post_init__(self) -> None:
         for name in ("port", "workers", "max_json_depth", "timeout_s", "max_batch_images"):
@@ -457,98 +556,3 @@ def dump_yaml(values: Mapping[str, Any]) -> str:
 
 # What each option means, for `--help` (one text per name; the same name means the same thing in
 # every stage). The defaults come from the dataclasses above (and for train from the model's YAML).
-OPTION_HELP = {
-    "data_dir": "image-folder tree, archive of one, official CIFAR-10 batches, or 'synthetic'; "
-    "only the default 'data' downloads CIFAR-10",
-    "val_fraction": "share of the training images held out (stratified) for validation",
-    "seed": "seed of the validation split, the initialization and the augmentation",
-    "max_train_images": "train on at most this many of the training split's images (class "
-    "balance kept; 0 = all); validation is never capped",
-    "download": "download CIFAR-10 into data_dir when absent (default: only for 'data')",
-    "skip_bad_images": "skip unreadable files instead of stopping (they are logged)",
-    "epochs": "passes over the training split",
-    "batch_size": "images per training step (train; scaled to small sets when it comes from the "
-    "recipe) or per scoring chunk (evaluate, predict)",
-    "eval_batch_size": "images per validation forward pass",
-    "optimizer": "adamw or sgd (Nesterov)",
-    "lr": "peak learning rate (scaled with a recipe batch size that was scaled)",
-    "momentum": "SGD momentum",
-    "weight_decay": "decoupled (AdamW) or L2 (SGD) weight decay",
-    "schedule": "onecycle, cosine or constant",
-    "warmup_fraction": "share of the steps spent warming the learning rate up",
-    "label_smoothing": "cross-entropy label smoothing",
-    "crop_padding": "pixels of padding for random crops (0 = no crops)",
-    "flip": "random horizontal flips",
-    "cutout": "side of a random square blanked in each image (0 = off)",
-    "bias_lr_factor": "learning-rate factor for normalization biases (their weight decay per "
-    "step unchanged)",
-    "precision": "auto (bfloat16 where the device computes it natively: CUDA, CPUs with "
-    "AVX512-BF16 or AMX), bf16 or fp32",
-    "patience": "stop after this many epochs without a better validation accuracy (0 = never)",
-    "pretrained": "start from ImageNet weights (resnet18_pretrained, vgg16_*)",
-    "weights_path": "a local file of ImageNet weights, instead of torchvision's download",
-    "freeze_epochs": "vgg16_finetune: epochs with frozen features before unfreezing",
-    "finetune_lr_factor": "vgg16_finetune: learning-rate factor once unfrozen",
-    "compile": "torch.compile the model (CUDA)",
-    "checkpoint_seconds": "write a resume checkpoint at most this often (and after the last epoch)",
-    "keep_checkpoints": "keep the resume checkpoints of a finished run (they are deleted otherwise)",
-    "stop_if_not_learning": "stop a run the watchdog finds at chance after 3 epochs or diverging",
-    "resume_run_id": "continue this killed or failed train run where it stopped",
-    "config": "a YAML file of train parameters (e.g. tune's best_config.yaml) over the model's",
-    "width": "cnn: channels of the first conv block (then 2x, 4x); fastnet: of the first block "
-    "(then width_multiplier x, twice)",
-    "lookahead_steps": "every this many steps the weights move to their running average, "
-    "whose decay grows towards the end of training (airbench's lookahead: 5; 0 = off)",
-    "width_multiplier": "fastnet: channels of blocks 2 and 3 over the first's (its recipe: 3; airbench94: 4)",
-    "head_scale": "fastnet: factor on the logits (small: a gentle start at a high learning rate)",
-    "hidden_units": "cnn: width of the hidden fully connected layer",
-    "dropout": "dropout before the classifier layers (cnn, vgg16_*)",
-    "batch_norm": "cnn: batch norm after each convolution",
-    "convs_per_block": "cnn: 3x3 convolutions per block",
-    "model_uri": "an MLflow model URI: runs:/<run_id>/model, models:/m-<id>, "
-    "models:/cifar10-resnet@champion",
-    "tta": "average with the mirrored image (flip test-time augmentation); train: in validation "
-    "and as the logged model's default; evaluate, predict: default the model's",
-    "gradcam_per_class": "Grad-CAM overlays per class (0 = none)",
-    "test_dir": "evaluate: a held-out folder or archive of class folders (held_out/<class>/*), "
-    "read whole as the test split instead of data_dir's",
-    "n_trials": "trials to finish in this study (all workers together)",
-    "storage": "Optuna storage URL (default: optuna.db beside the tracking store)",
-    "study_name": "the study to create or resume (default: <model>-tune)",
-    "sampler_seed": "TPE seed of this worker (default: seed)",
-    "startup_trials": "random trials before TPE takes over",
-    "n_jobs": "trials in threads of this process (prefer more processes on a CPU)",
-    "pruner": "median, hyperband or none",
-    "prune_after_epochs": "judge no trial before this epoch (default: 3/4 of epochs)",
-    "search_space": "a YAML search space (default: experiments/search_spaces/<model>.yaml)",
-    "timeout_seconds": "stop starting trials after this many seconds",
-    "heartbeat_seconds": "Optuna heartbeat; a worker silent for 3 beats has its trial retried",
-    "model_name": "the registered model",
-    "metric": "the validation metric candidates are ranked by",
-    "candidate_experiment": "look for candidates in this experiment instead",
-    "architectures": "comma-separated architectures that may be promoted",
-    "min_delta": "a challenger must beat the champion by at least this accuracy",
-    "min_accuracy": "a first champion needs at least this validation accuracy",
-    "alpha": "significance level of the promotion tests",
-    "force": "promote the best candidate without the gates",
-    "rollback": "swap the champion and previous aliases back",
-    "host": "address to listen on (beyond loopback a token is required)",
-    "port": "TCP port to listen on",
-    "workers": "uvicorn worker processes",
-    "token_file": "file holding the bearer token (or set CIFAR10_SERVE_TOKEN)",
-    "allow_unauthenticated": "serve a public address without a token",
-    "max_body_mb": "largest request body accepted",
-    "max_json_depth": "deepest JSON nesting accepted",
-    "timeout_s": "seconds a request may take",
-    "max_batch_images": "micro-batching: most images in one forward pass (1 = off)",
-    "batch_wait_ms": "micro-batching: longest wait for requests already decoding",
-    "served_name": "the name v2 / v1 clients call (/v2/models/<name>); default: the registered "
-    "model's name, or cifar10",
-    "input": "folder (recursive), archive or glob of images to score",
-    "output": "the table to write: a .csv or .parquet file",
-    "engine": "local or spark",
-    "explain": "add each image's Grad-CAM map (explained_class, heatmap_png columns; local engine)",
-    "spark_master": "Spark master URL (local[*], spark://host:7077)",
-    "force_rerun": "run every step again instead of reusing finished ones",
-    "experiment_name": "the MLflow experiment (default: cifar10)",
-}

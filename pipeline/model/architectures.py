@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ class ModelSpec:
     # Called once with the new model and normalized training images (NCHW float), before training:
     # fastnet sets its whitening layer from the data. A loaded model gets it from its weights.
     init_from_data: Callable[[nn.Module, torch.Tensor], None] | None = None
+    # Each constructor option's --help text, beside the constructor that takes it.
+    option_help: dict[str, str] = field(default_factory=dict)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -55,7 +57,10 @@ def register(
     name: str, **spec: Any
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     def add(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        MODELS[name] = ModelSpec(build=build, **spec)
+        model = ModelSpec(build=build, **spec)
+        if undescribed := set(model.options) - set(model.option_help):
+            raise TypeError(f"model {name}: options without option_help: {sorted(undescribed)}")
+        MODELS[name] = model
         return build
 
     return add
@@ -75,7 +80,16 @@ def conv_block(in_ch: int, out_ch: int, batch_norm: bool, convs: int) -> nn.Sequ
     return nn.Sequential(*layers)
 
 
-@register("cnn")
+@register(
+    "cnn",
+    option_help={
+        "width": "channels of the first conv block (then 2x, 4x)",
+        "hidden_units": "width of the hidden fully connected layer",
+        "dropout": "dropout before the classifier layers",
+        "batch_norm": "batch norm after each convolution",
+        "convs_per_block": "3x3 convolutions per block",
+    },
+)
 def small_cnn(
     num_classes: int = 10,
     width: int = 32,
@@ -132,6 +146,7 @@ def vgg16_cifar(num_classes: int = 10, dropout: float = 0.5) -> nn.Module:
 VGG16_SPEC = {
     "weights": tv_models.VGG16_Weights.IMAGENET1K_V1,
     "frozen_part": "features",
+    "option_help": {"dropout": "dropout before the classifier layers"},
 }
 register("vgg16_transfer", **VGG16_SPEC)(vgg16_cifar)
 register("vgg16_finetune", **VGG16_SPEC, unfreeze_after_freeze_epochs=True)(vgg16_cifar)
@@ -214,7 +229,16 @@ def fit_whitening(model: nn.Module, images: torch.Tensor, eps: float = 5e-4) -> 
         model.whiten.weight.copy_(torch.cat([filters, -filters]).to(model.whiten.weight))
 
 
-register("fastnet", init_from_data=fit_whitening)(FastNet)
+register(
+    "fastnet",
+    init_from_data=fit_whitening,
+    option_help={
+        "width": "channels of the first block (then width_multiplier x, twice)",
+        "width_multiplier": "channels of blocks 2 and 3 over the first's (its recipe: 3; "
+        "airbench94: 4)",
+        "head_scale": "factor on the logits (small: a gentle start at a high learning rate)",
+    },
+)(FastNet)
 
 
 def normalize(
@@ -251,6 +275,15 @@ def get_spec(name: str) -> ModelSpec:
     if name not in MODELS:
         raise UnknownModelError(f"Unknown model {name!r}; choose one of {model_names()}.")
     return MODELS[name]
+
+
+def described_option(option: str) -> str:
+    """A model option's help, with the models that take it ("cnn: ...; fastnet: ...")."""
+    takers: dict[str, list[str]] = {}
+    for name in model_names():
+        if option in MODELS[name].options:
+            takers.setdefault(MODELS[name].option_help[option], []).append(name)
+    return "; ".join(f"{', '.join(names)}: {text}" for text, names in takers.items())
 
 
 def option_owners() -> dict[str, list[str]]:
