@@ -25,6 +25,7 @@ Adding a guard (a rate limit, say) is one class here, one line in `build_gateway
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
@@ -577,7 +578,7 @@ class ModelRoutes(HttpGuard):
         from mlflow.exceptions import MlflowException
 
         self.metrics.images.observe(len(frame))
-        work = lambda: self.served.model.predict(frame, params=params)  # noqa: E731
+        work = functools.partial(self.served.model.predict, frame, params=params)
         try:
             with anyio.fail_after(self.served.timeout_s):
                 result = await anyio.to_thread.run_sync(work, abandon_on_cancel=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -49,7 +49,7 @@ class V2Request:
     params: dict[str, Any]
     request_id: str | None
     outputs: list[str]
-    binary: set[str] = field(default_factory=set)
+    binary: set[str]
 
 
 def model_params(given: Any) -> dict[str, Any]:

@@ -29,17 +29,11 @@ from pipeline.model.imaging import encode_png
 from pipeline.train import run_train
 from registry.promote import run_promote
 from registry.server import TOKEN_ENV, hardened_command, serve_command, wait_until_serving
-from tests.conftest import write_image_tree
+from tests.conftest import free_port, write_image_tree
 from tests.hostile_requests import LEAK_MARKERS, hostile_requests
 
 TOKEN = "test-token-5f1c2a"
 AUTHORIZED = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(

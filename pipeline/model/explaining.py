@@ -18,7 +18,9 @@ from pipeline.model.decoding import InvalidImageError
 from pipeline.model.imaging import encode_png
 
 
-def target_classes(target: str | int | None, predicted: Sequence[int], class_names: Sequence[str]):
+def target_classes(
+    target: str | int | None, predicted: Sequence[int], class_names: Sequence[str]
+) -> list[int]:
     """The class each image is explained for: `target` (a class name or index) for all of them,
     or each image's predicted class when no target is given."""
     if target is None or (isinstance(target, str) and not target.strip()):
