@@ -3,6 +3,7 @@ against a real served model: token flow, an upload, the top classes, Grad-CAM fo
 a clicked one, the model card, a refused file, a phone-sized window. Screenshots are written to
 test-artifacts/page/ at the repository root for a person to look at."""
 
+import base64
 import shutil
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def test_the_page_classifies_explains_and_shows_the_model_card(browser, tiny_ser
     assert by_id(driver, "overlay-caption").text == f"Grad-CAM for {top[0]}"
     answer = requests.post(
         f"{tiny_server.base}/v1/models/cifar10-tiny:predict",
-        json={"instances": [__import__("base64").b64encode(picture.read_bytes()).decode()]},
+        json={"instances": [base64.b64encode(picture.read_bytes()).decode()]},
         headers={"Authorization": f"Bearer {tiny_server.token}"},
     ).json()
     assert answer["predictions"][0]["class_name"] == top[0]
