@@ -377,7 +377,7 @@ class ServeConfig:
     ENTRY: ClassVar[EntryPoint] = EntryPoint(
         "serve",
         "registry.server:run_serve",
-        "MLflow's scoring app behind limits, a token and /metrics",
+        "the model over MLflow's, v2 and KServe v1 protocols and a page, behind a token and limits",
     )
 
     model_uri: str = option("models:/cifar10-resnet@champion", MODEL_URI_HELP)
