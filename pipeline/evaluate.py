@@ -207,7 +207,10 @@ def plot_gradcam(classifier, test: ImageSet, predicted: np.ndarray, per_class: i
     index = np.concatenate(chosen)
     batch = normalize(torch.from_numpy(test.images[index]).permute(0, 3, 1, 2), mean, std)
     targets = [int(predicted[i]) for i in index]
-    heatmaps = classifier.batcher.call(lambda network: gradcam_maps(network, batch, targets))
+    # On this thread, not the model's: a backward pass run on the model's daemon thread made the
+    # evaluate process abort at exit ("terminate called without an active exception"), and
+    # nothing else uses the model while evaluate draws its overlays.
+    heatmaps = gradcam_maps(classifier.model, batch, targets)
     figure, axes = plt.subplots(
         len(names), 2 * per_class, figsize=(4 * per_class, len(names) * 1.6), squeeze=False
     )

@@ -459,7 +459,9 @@ def test_a_run_killed_before_it_logged_its_config_resumes_to_the_unbroken_weight
     killed = None
     while killed is None and time.monotonic() < deadline and launcher.poll() is None:
         runs = mlflow.search_runs(experiment_names=[tracking])
-        killed = runs["run_id"][0] if len(runs) else None
+        # the moment mlflow run has logged the parameters (on a slow machine the run exists first)
+        if len(runs) and mlflow.get_run(runs["run_id"][0]).data.params:
+            killed = runs["run_id"][0]
         time.sleep(0.05)
     os.killpg(launcher.pid, signal.SIGKILL)
     launcher.wait()
