@@ -102,13 +102,17 @@ def option_help(name: str, stage: str | None = None) -> str:
 
 def add_options(parser: argparse.ArgumentParser, stage: str, names: Sequence[str]) -> None:
     defaults = option_defaults(stage)
-    recipe_keys = set(read_yaml(model_defaults_path(TrainConfig.model))) - {"model"}
+    # A server installed without the checkout (the container) has no experiments/ to show.
+    recipe = model_defaults_path(TrainConfig.model)
+    recipe_keys = set()
+    if stage in ("train", "main") and recipe.is_file():
+        recipe_keys = set(read_yaml(recipe)) - {"model"}
     for name in names:
         default = defaults.get(name)
         shown = "" if default in (None, "", "None") else f" (default: {default})"
         if default == "required":
             shown = " (required)"
-        elif stage in ("train", "main") and name in recipe_keys:
+        elif name in recipe_keys:
             shown = f" (cnn's recipe: {default}; each model's in experiments/<model>.yaml)"
         parser.add_argument(
             f"--{name.replace('_', '-')}",

@@ -194,6 +194,8 @@ def model_card(model_uri: str, model_path: str, name: str = "") -> dict:
         "run_id": logged.run_id,
         "run_url": None,
     }
+    if not tracking_store_exists():
+        return card  # a container's baked model: no store to ask, the card is what the model holds
     client = MlflowClient()
     try:
         if match := re.fullmatch(r"models:/([^@/]+)@(.+)", model_uri):
@@ -229,6 +231,17 @@ def model_card(model_uri: str, model_path: str, name: str = "") -> dict:
     except MlflowException:
         pass  # a model outside any registry still serves; its card shows what the model holds
     return card
+
+
+def tracking_store_exists() -> bool:
+    """False where the tracking URI is a local SQLite file that is not there (MLflow would make
+    one, or retry for a minute on a read-only filesystem); any other store is asked."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return True
+    return Path(uri.removeprefix("sqlite:///")).is_file()
 
 
 def serving_line(config: ServeConfig, card: dict, token: str | None) -> str:
