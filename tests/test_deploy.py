@@ -18,6 +18,7 @@ from registry.gateway import OPEN_ROUTES
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 KSERVE = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
+CONTAINERFILE = ROOT / "deploy" / "Containerfile"
 KUBERNETES_VERSION = "1.33.0"
 EXPECTED_KINDS = {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
 
@@ -75,11 +76,17 @@ def test_the_deployment_probes_open_routes_runs_unprivileged_and_reads_the_token
     probes = [container[p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe")]
     assert all(path in OPEN_ROUTES for path in probes)  # a probe carries no token
     assert pod["securityContext"]["runAsNonRoot"] is True
+    user, group = re.search(r"^USER (\d+):(\d+)$", CONTAINERFILE.read_text(), re.M).groups()
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (
+        int(user),
+        int(group),
+    )  # the image's own user, so files it owns stay readable
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["resources"]["requests"] and container["resources"]["limits"]
     args = container["args"]
     port = int(args[args.index("--port") + 1])
     assert container["ports"][0]["containerPort"] == port
+    assert f"EXPOSE {port}" in CONTAINERFILE.read_text()
     token_file = args[args.index("--token-file") + 1]
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volume = next(v for v in pod["volumes"] if v["name"] == mounts[str(Path(token_file).parent)])

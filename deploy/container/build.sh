@@ -8,7 +8,8 @@
 #   deploy/container/build.sh --model-uri models:/cifar10-resnet@champion --tag cifar10-serve:v1
 #
 # TORCH_INDEX_URL picks the PyTorch build (default: PyPI, whose Linux wheels are the CUDA ones;
-# https://download.pytorch.org/whl/cpu gives the CPU-only build where it can be reached).
+# https://download.pytorch.org/whl/cpu gives the CPU-only build where it can be reached);
+# TORCH_VERSION and TORCHVISION_VERSION override the Containerfile's pins.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -60,6 +61,14 @@ cp -r pyproject.toml README.md .dockerignore pipeline registry "$context/"
 # This machine's pip settings travel into the build: its file:// indexes (mounted read-only at the
 # same paths), its CA bundle and its cache (so the image's pip downloads nothing the host has).
 build_args=(--build-arg "BASE_IMAGE=$base" --build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL:-https://pypi.org/simple}")
+for pin in TORCH_VERSION TORCHVISION_VERSION; do
+  [ -n "${!pin:-}" ] && build_args+=(--build-arg "$pin=${!pin}")
+done
+find_links="${PIP_FIND_LINKS:-$(pip config get global.find-links 2>/dev/null || true)}"
+if [ -n "$find_links" ]; then
+  build_args+=(--build-arg "PIP_FIND_LINKS=$find_links")
+  for links in $find_links; do [ -d "$links" ] && build_args+=(-v "$links:$links:ro"); done
+fi
 extra_index="${PIP_EXTRA_INDEX_URL:-$(pip config get global.extra-index-url 2>/dev/null || true)}"
 if [ -n "$extra_index" ]; then
   build_args+=(--build-arg "PIP_EXTRA_INDEX_URL=$extra_index")
