@@ -81,6 +81,9 @@ PAGE_HEADERS = {
 }
 INPUT_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 MAX_MESSAGE_CHARS = 300
+# An answer whose top class has less than this probability counts as low-confidence on /metrics.
+LOW_CONFIDENCE = 0.5
+CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 DISCARD_AT_MOST = 8  # times the body cap: beyond that, a refused body closes the connection
 # What an answer must never show: traces, source locations, object reprs, absolute paths.
 LEAKS = re.compile(r'Traceback|File "|\.py\b|site-packages|object at 0x|(?:/[\w.-]+){2,}')
@@ -197,6 +200,31 @@ class ServerMetrics:
         self.rejected = Counter(
             "cifar10_rejected_requests", "Requests refused by the layer", ["reason"], registry=own
         )
+        self.predictions = Counter(
+            "cifar10_predictions", "Images answered, by predicted class", ["class"], registry=own
+        )
+        self.confidence = Histogram(
+            "cifar10_prediction_confidence",
+            "Probability of the predicted class, per answered image",
+            buckets=CONFIDENCE_BUCKETS,
+            registry=own,
+        )
+        self.low_confidence = Counter(
+            "cifar10_low_confidence_predictions",
+            f"Answered images whose predicted class has a probability below {LOW_CONFIDENCE}",
+            registry=own,
+        )
+
+    def observe_answers(self, result: Any, class_names: list[str]) -> None:
+        """What the model answered, per scored image (a row that failed to decode has label -1)."""
+        for label, probabilities in zip(result["label"], result["probabilities"], strict=True):
+            if label < 0:
+                continue
+            top = float(np.max(probabilities))
+            self.predictions.labels(class_names[label]).inc()
+            self.confidence.observe(top)
+            if top < LOW_CONFIDENCE:
+                self.low_confidence.inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -601,6 +629,20 @@ class ModelRoutes(HttpGuard):
 def allow(method: str, expected: str) -> None:
     if method != expected and not (expected == "GET" and method == "HEAD"):
         raise Rejected(405, "method_not_allowed", f"use {expected} on this route.")
+
+
+def observe_model(model: Any, metrics: ServerMetrics, class_names: list[str]) -> None:
+    """Count every answer of this loaded model on /metrics, whichever route asked: MLflow's
+    /invocations and the v2 / v1 routes all call this one object's `predict`."""
+    predict = model.predict
+
+    @functools.wraps(predict)
+    def observed(data: Any, params: dict[str, Any] | None = None) -> Any:
+        result = predict(data, params=params)
+        metrics.observe_answers(result, class_names)
+        return result
+
+    model.predict = observed
 
 
 def build_gateway(

@@ -279,12 +279,20 @@ def app_from_environment():
     """What each uvicorn worker builds: the logged model in MLflow's app, behind the gateway."""
     from mlflow.pyfunc import load_model, scoring_server
 
-    from registry.gateway import GatewaySettings, ServedModel, ServerMetrics, build_gateway
+    from registry.gateway import (
+        GatewaySettings,
+        ServedModel,
+        ServerMetrics,
+        build_gateway,
+        observe_model,
+    )
 
     keep_freed_memory()
     settings = json.loads(os.environ[SETTINGS_ENV])
     model = load_model(settings["model_path"], model_config=settings["model_config"])
     card = settings["card"]
+    metrics = ServerMetrics()
+    observe_model(model, metrics, card["class_names"])
     served = ServedModel(
         model, card["name"], card["version"], card["class_names"], card, settings["timeout_s"]
     )
@@ -295,7 +303,7 @@ def app_from_environment():
             max_json_depth=settings["max_json_depth"],
             token=os.environ.get(TOKEN_ENV) or None,
         ),
-        ServerMetrics(),
+        metrics,
         served,
     )
 

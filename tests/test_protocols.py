@@ -255,3 +255,38 @@ def test_the_logged_signature_declares_explain_and_target(tiny_server):
         mlflow.set_tracking_uri(previous)
     defaults = {param.name: param.default for param in params.params}
     assert defaults["explain"] is False and defaults["target"] == ""
+
+
+def model_metrics(server, session) -> dict[str, float]:
+    """Answered images, their confidence count and the low-confidence count, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {"predictions": 0.0}
+    for family in text_string_to_metric_families(session.get(f"{server.base}/metrics").text):
+        for sample in family.samples:
+            if sample.name == "cifar10_predictions_total":
+                values["predictions"] += sample.value
+                values[f"class:{sample.labels['class']}"] = sample.value
+            elif sample.name in ("cifar10_prediction_confidence_count",
+                                 "cifar10_low_confidence_predictions_total"):  # fmt: skip
+                values[sample.name] = sample.value
+    return values
+
+
+def test_metrics_count_every_answered_image_by_class_and_confidence_on_every_route(api):
+    server, session = api
+    before = model_metrics(server, session)
+    probabilities = invocations(server, session, PNGS)
+    v2 = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2],
+                      "data": [b64(p) for p in PNGS[:2]]}]}  # fmt: skip
+    session.post(f"{server.base}/v2/models/cifar10-tiny/infer", json=v2).raise_for_status()
+    after = model_metrics(server, session)
+    assert after["predictions"] - before["predictions"] == 5
+    assert after["cifar10_prediction_confidence_count"] - before.get(
+        "cifar10_prediction_confidence_count", 0) == 5  # fmt: skip
+    names = session.get(f"{server.base}/model-card").json()["class_names"]
+    first = f"class:{names[int(probabilities[0].argmax())]}"
+    assert after[first] - before.get(first, 0) >= 2  # PNGS[0] went through both routes
+    low = int((probabilities.max(1) < 0.5).sum() + (probabilities[:2].max(1) < 0.5).sum())
+    assert after["cifar10_low_confidence_predictions_total"] - before.get(
+        "cifar10_low_confidence_predictions_total", 0) == low  # fmt: skip
