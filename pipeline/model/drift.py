@@ -1,0 +1,116 @@
+"""Has the model started to see images unlike its training data? A few statistics per image,
+compared between a sliding window of recent images and a reference sample of training images with
+two-sample Kolmogorov-Smirnov tests (one per statistic, Bonferroni-combined).
+
+The statistics are cheap (no model call) and catch what goes wrong with cameras and clients: a
+darker or brighter scene (channel means), washed-out or clipped contrast (channel spreads), blur,
+noise and resampling (edge energy), and grayscale or colour-cast input (saturation). Defaults
+come from benchmarks/drift_calibration.py on real CIFAR-10 images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+FEATURES = ("mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "edges", "saturation")
+DEFAULT_WINDOW = 200
+DEFAULT_ALPHA = 0.01
+REFERENCE_IMAGES = 2000
+
+
+def image_features(images: np.ndarray) -> np.ndarray:
+    """(N, len(FEATURES)) float32 statistics of uint8 NHWC images, in [0, 1] units."""
+    pixels = np.asarray(images, dtype=np.float32) / 255.0
+    if pixels.ndim != 4 or pixels.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images shaped (N, H, W, 3), got {pixels.shape}")
+    means = pixels.mean(axis=(1, 2))
+    spreads = pixels.std(axis=(1, 2))
+    gray = pixels.mean(axis=3)
+    edges = np.abs(np.diff(gray, axis=1)).mean(axis=(1, 2)) + np.abs(np.diff(gray, axis=2)).mean(
+        axis=(1, 2)
+    )
+    saturation = (pixels.max(axis=3) - pixels.min(axis=3)).mean(axis=(1, 2))
+    return np.column_stack([means, spreads, edges, saturation]).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Statistics of a sample of training images, carried by the logged model."""
+
+    features: np.ndarray
+
+    @classmethod
+    def from_images(cls, images: np.ndarray, max_images: int = REFERENCE_IMAGES, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        chosen = rng.permutation(len(images))[:max_images]
+        return cls(image_features(images[np.sort(chosen)]))
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(np.ascontiguousarray(self.features).tobytes()).hexdigest()[:16]
+
+    def save(self, path: Path) -> None:
+        np.savez_compressed(path, features=self.features, names=np.array(FEATURES))
+
+    @classmethod
+    def load(cls, path: Path) -> Reference:
+        with np.load(path) as saved:
+            if tuple(saved["names"]) != FEATURES:
+                raise ValueError(
+                    f"{path} holds statistics {tuple(saved['names'])}, this code computes "
+                    f"{FEATURES}; log the model again to refresh its drift reference."
+                )
+            return cls(saved["features"])
+
+
+@dataclass(frozen=True)
+class DriftResult:
+    """Each statistic's KS distance and p-value, and the Bonferroni-combined verdict."""
+
+    statistics: dict[str, float]
+    p_values: dict[str, float]
+    p_value: float
+    drift: bool
+    images: int
+
+
+def drift_test(
+    reference: Reference, window: np.ndarray, alpha: float = DEFAULT_ALPHA
+) -> DriftResult:
+    """Compare the statistics of `window` (from image_features) with the reference's."""
+    distances, p_values = {}, {}
+    for column, name in enumerate(FEATURES):
+        result = stats.ks_2samp(window[:, column], reference.features[:, column])
+        distances[name], p_values[name] = float(result.statistic), float(result.pvalue)
+    combined = min(1.0, min(p_values.values()) * len(FEATURES))
+    return DriftResult(distances, p_values, combined, combined < alpha, len(window))
+
+
+class DriftWindow:
+    """The statistics of the last `size` images, tested against the reference on demand."""
+
+    def __init__(
+        self, reference: Reference, size: int = DEFAULT_WINDOW, alpha: float = DEFAULT_ALPHA
+    ):
+        if size < 20:
+            raise ValueError(
+                f"a drift window of {size} images is too small to test; use 20 or more."
+            )
+        self.reference, self.alpha = reference, alpha
+        self.rows: deque[np.ndarray] = deque(maxlen=size)
+
+    def add(self, features: np.ndarray) -> None:
+        self.rows.extend(features)
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) == self.rows.maxlen
+
+    def test(self) -> DriftResult:
+        return drift_test(self.reference, np.array(self.rows), self.alpha)

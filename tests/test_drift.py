@@ -1,0 +1,71 @@
+"""The drift test: statistics that mean what they say, no alarm for more images like the training
+data, an alarm for shifted ones (real CIFAR-10 images), and a reference that survives a round trip."""
+
+import numpy as np
+import pytest
+
+from pipeline.data.cifar_batches import BATCH_DIR, read_batch
+from pipeline.model.drift import FEATURES, DriftWindow, Reference, drift_test, image_features
+from tests.conftest import REAL_SUBSET
+
+
+def test_the_statistics_of_known_images():
+    gray = np.full((1, 32, 32, 3), 128, np.uint8)
+    stripes = np.zeros((1, 32, 32, 3), np.uint8)
+    stripes[:, :, ::2] = 255
+    red = np.zeros((1, 32, 32, 3), np.uint8)
+    red[..., 0] = 255
+    features = dict(
+        zip(FEATURES, image_features(np.concatenate([gray, stripes, red])).T, strict=True)
+    )
+    np.testing.assert_allclose(features["mean_r"], [128 / 255, 0.5, 1.0], atol=1e-5)
+    np.testing.assert_allclose(features["std_g"], [0.0, 0.5, 0.0], atol=1e-5)
+    np.testing.assert_allclose(features["edges"], [0.0, 1.0, 0.0], atol=1e-5)  # every step is 0↔1
+    np.testing.assert_allclose(features["saturation"], [0.0, 0.0, 1.0], atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
+        image_features(np.zeros((32, 32, 3), np.uint8))
+
+
+@pytest.fixture(scope="module")
+def real_images() -> np.ndarray:
+    return read_batch(REAL_SUBSET / BATCH_DIR / "data_batch_1")[0]
+
+
+def test_held_out_real_images_pass_and_darker_or_blurred_ones_do_not(real_images):
+    reference = Reference.from_images(real_images[:700], max_images=700)
+    held_out = real_images[700:900]
+    assert not drift_test(reference, image_features(held_out)).drift
+    darker = (held_out * 0.6).astype(np.uint8)
+    result = drift_test(reference, image_features(darker))
+    assert result.drift and result.p_value < 1e-6
+    assert max(result.statistics, key=result.statistics.get).startswith("mean_")
+    grayscale = np.repeat(held_out.mean(axis=3, keepdims=True), 3, axis=3).astype(np.uint8)
+    assert drift_test(reference, image_features(grayscale)).p_values["saturation"] < 1e-6
+
+
+def test_a_sliding_window_notices_a_shift_after_some_dozens_of_images(real_images):
+    reference = Reference.from_images(real_images[:700], max_images=700)
+    window = DriftWindow(reference, size=200)
+    window.add(image_features(real_images[700:900]))
+    assert window.full and not window.test().drift
+    washed_out = (real_images[900:1000] * 0.6 + 0.4 * 255).astype(np.uint8)
+    seen = 0
+    for row in image_features(washed_out):
+        window.add(row[None])
+        seen += 1
+        if window.test().drift:
+            break
+    assert window.test().drift and seen <= 60
+    with pytest.raises(ValueError, match="too small"):
+        DriftWindow(reference, size=5)
+
+
+def test_the_reference_round_trips_and_refuses_other_statistics(tmp_path, real_images):
+    reference = Reference.from_images(real_images, max_images=300)
+    assert len(reference.features) == 300
+    reference.save(tmp_path / "reference.npz")
+    loaded = Reference.load(tmp_path / "reference.npz")
+    assert loaded.digest == reference.digest == Reference.from_images(real_images, 300).digest
+    np.savez(tmp_path / "old.npz", features=reference.features[:, :3], names=np.array(FEATURES[:3]))
+    with pytest.raises(ValueError, match="log the model again"):
+        Reference.load(tmp_path / "old.npz")
