@@ -5,7 +5,7 @@ accuracy, only on what is loaded), bakes it into the image with deploy/container
 `--starts` times: `podman run` (read-only root, token file, loopback port) until the first `/ping`
 and the first scored image, then SIGTERM until the container has exited.
 
-    python benchmarks/container_start.py [--starts 5] [--out benchmarks/results/container_cpu.jsonl]
+    python -m benchmarks.container_start [--starts 5] [--out benchmarks/results/container_cpu.jsonl]
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import argparse
 import base64
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from benchmarks.machine import machine
 from pipeline.model.imaging import encode_png
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,13 +100,6 @@ def one_start(token_file: Path, body: dict) -> dict:
             "exit_code": int(exit_code)}  # fmt: skip
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--starts", type=int, default=5)
@@ -125,11 +118,7 @@ def main() -> None:
     layers = json.loads(podman("history", "--format", "json", TAG))
     record = {
         "benchmark": "container_start",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{os.cpu_count()} cores, {cpu_model()}",
-        "cpu_flags": "avx512_bf16"
-        if "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-        else "avx2",
+        **machine(),
         "podman": podman("--version"),
         "image": TAG,
         "model": "resnet18",

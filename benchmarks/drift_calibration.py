@@ -8,15 +8,13 @@ request) until the test says drift, `--trials` orders per shift; "not seen" if a
 shifted images passes. Shifts: darker, washed out, blurred, noisy, grayscale, rotated by 90°, and
 images of another kind (32x32 crops of scikit-learn's two sample photos).
 
-    python benchmarks/drift_calibration.py [--windows 400] [--trials 10]
+    python -m benchmarks.drift_calibration [--windows 400] [--trials 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.datasets import load_sample_images
 
+from benchmarks.machine import machine
 from pipeline.data.cifar_batches import BATCH_DIR, load_cifar_batches
 from pipeline.model.drift import DriftWindow, Reference, drift_test, image_features
 
@@ -127,16 +126,9 @@ def main() -> None:
     for _ in range(200):
         watch.test()
     test_ms = (time.perf_counter() - started) / 200 * 1e3
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               platform.machine())  # fmt: skip
     record = {
         "benchmark": "drift_calibration",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{os.cpu_count()} cores, {cpu}",
-        "cpu_flags": "avx512_bf16"
-        if "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-        else "avx2",
+        **machine(),
         "reference_images": len(reference.features),
         "held_out_images": len(held_out),
         "windows_per_setting": args.windows,

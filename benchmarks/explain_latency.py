@@ -11,7 +11,7 @@ depend on accuracy), then measures:
    `/v2/models/<name>/infer` with the same image, alternating blocks; overhead = median over pairs
    of (v2 p50 - invocations p50).
 
-    python benchmarks/explain_latency.py [--repeats 200] [--pairs 20] [--out results.jsonl]
+    python -m benchmarks.explain_latency [--repeats 200] [--pairs 20] [--out results.jsonl]
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import argparse
 import base64
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from benchmarks.machine import machine
 from pipeline.model.imaging import encode_png
 from pipeline.tracking.lineage import PROJECT_ROOT
 from registry.server import TOKEN_ENV, hardened_command, wait_until_serving
@@ -144,13 +144,6 @@ def over_http(model_uri: str, tracking_uri: str, pairs: int, block: int = 10) ->
         process.wait(timeout=30)
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=200)
@@ -161,11 +154,7 @@ def main() -> None:
         root = Path(tmp)
         uris = {model: train_tiny(model, root) for model in ("resnet18", "fastnet")}
         record = {
-            "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{os.cpu_count()} cores, {cpu_model()}",
-            "cpu_flags": "avx512_bf16"
-            if "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-            else "avx2 (no bfloat16)",
+            **machine(),
             "in_process": {model: in_process(uri, args.repeats) for model, uri in uris.items()},
             "v2_translation_us": v2_translation_us(),
             "http_fastnet": over_http(uris["fastnet"], f"sqlite:///{root / 'mlflow.db'}",
