@@ -18,6 +18,7 @@ from typing import Any, ClassVar, TypeVar
 import yaml
 
 from pipeline.errors import PipelineError
+from pipeline.model.drift import DEFAULT_WINDOW
 from pipeline.model.micro_batcher import MICRO_BATCH_DEFAULTS
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
@@ -402,11 +403,19 @@ class ServeConfig:
         MICRO_BATCH_DEFAULTS["batch_wait_ms"],
         "micro-batching: longest wait for requests already decoding",
     )
+    drift_window: int = option(
+        DEFAULT_WINDOW, "recent images compared with the training data on /metrics (0 = off)"
+    )
 
     def __post_init__(self) -> None:
         for name in ("port", "workers", "max_json_depth", "timeout_s", "max_batch_images"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if 0 < self.drift_window < 20:
+            raise ConfigError(
+                f"drift_window must be 0 (off) or at least 20 images, got {self.drift_window}; "
+                f"the calibrated default is {DEFAULT_WINDOW}."
+            )
         if self.max_body_mb <= 0 or self.batch_wait_ms < 0:
             raise ConfigError(
                 "max_body_mb must be positive and batch_wait_ms not negative, got "

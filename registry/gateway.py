@@ -47,11 +47,13 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
 from pipeline.model.classifier import check_image_count
 from pipeline.model.decoding import InvalidImageError
+from pipeline.model.drift import DriftWindow
 from registry import protocols
 from registry.protocols import ProtocolError
 
@@ -83,6 +85,7 @@ INPUT_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 MAX_MESSAGE_CHARS = 300
 # An answer whose top class has less than this probability counts as low-confidence on /metrics.
 LOW_CONFIDENCE = 0.5
+MIN_DRIFT_IMAGES = 20  # fewer recent images than this are not tested
 CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 DISCARD_AT_MOST = 8  # times the body cap: beyond that, a refused body closes the connection
 # What an answer must never show: traces, source locations, object reprs, absolute paths.
@@ -215,6 +218,10 @@ class ServerMetrics:
             registry=own,
         )
 
+    def watch_drift(self, window: DriftWindow) -> None:
+        """Test the model's window of recent images against its training reference at each scrape."""
+        self.registry.register(DriftCollector(window))
+
     def observe_answers(self, result: Any, class_names: list[str]) -> None:
         """What the model answered, per scored image (a row that failed to decode has label -1)."""
         for label, probabilities in zip(result["label"], result["probabilities"], strict=True):
@@ -228,6 +235,50 @@ class ServerMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class DriftCollector:
+    """Drift gauges computed when /metrics is read (a 200-image test takes ~10 ms, so requests
+    never wait for it). With several workers each tests its own window and a scrape sees one."""
+
+    def __init__(self, window: DriftWindow) -> None:
+        self.window = window
+
+    def collect(self):
+        window = self.window
+        reference = InfoMetricFamily(
+            "cifar10_drift_reference", "The training reference recent images are compared with"
+        )
+        reference.add_metric([], {"digest": window.reference.digest, "window": str(window.size),
+                                  "alpha": f"{window.alpha:g}"})  # fmt: skip
+        yield reference
+        yield GaugeMetricFamily(
+            "cifar10_drift_window_images", "Recent images in the drift window", value=len(window)
+        )
+        if len(window) < MIN_DRIFT_IMAGES:
+            return
+        result = window.test()
+        p_values = GaugeMetricFamily(
+            "cifar10_drift_p_value", "KS test p-value per image statistic", labels=["statistic"]
+        )
+        distances = GaugeMetricFamily(
+            "cifar10_drift_ks_statistic", "KS distance per image statistic", labels=["statistic"]
+        )
+        for name in result.p_values:
+            p_values.add_metric([name], result.p_values[name])
+            distances.add_metric([name], result.statistics[name])
+        yield p_values
+        yield distances
+        yield GaugeMetricFamily(
+            "cifar10_drift_combined_p_value",
+            "Bonferroni-combined p-value of the statistics; drift below alpha",
+            value=result.p_value,
+        )
+        yield GaugeMetricFamily(
+            "cifar10_drift_detected",
+            "1 while recent images differ from the training reference at alpha",
+            value=float(result.drift),
+        )
 
 
 def json_depth(body: bytes) -> int:

@@ -142,6 +142,7 @@ def run_serve(config: ServeConfig) -> None:
             "model_config": {
                 "max_batch_images": config.max_batch_images,
                 "batch_wait_ms": config.batch_wait_ms,
+                "drift_window": config.drift_window,
             },
         }
     )
@@ -293,6 +294,8 @@ def app_from_environment():
     card = settings["card"]
     metrics = ServerMetrics()
     observe_model(model, metrics, card["class_names"])
+    if (drift := getattr(model.unwrap_python_model(), "drift", None)) is not None:
+        metrics.watch_drift(drift)
     served = ServedModel(
         model, card["name"], card["version"], card["class_names"], card, settings["timeout_s"]
     )

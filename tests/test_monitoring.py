@@ -7,9 +7,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
+from pipeline.model.drift import DriftWindow, Reference
 from registry.gateway import ServerMetrics
 
 MONITORING = Path(__file__).resolve().parents[1] / "deploy" / "monitoring"
@@ -67,6 +69,10 @@ def exported_names() -> set[str]:
     metrics.latency.labels("/invocations").observe(0.01)
     metrics.rejected.labels("no_token").inc()
     metrics.predictions.labels("cat").inc()
+    rng = np.random.default_rng(0)
+    window = DriftWindow(Reference(rng.random((100, 8), dtype=np.float32)), size=20)
+    window.add(rng.random((20, 8), dtype=np.float32))
+    metrics.watch_drift(window)
     text = metrics.exposition().decode()
     return {line.split("{")[0].split()[0] for line in text.splitlines() if line[:1] not in "#"}
 
@@ -82,7 +88,9 @@ def test_the_rules_and_the_dashboard_use_only_metrics_the_server_exports():
     used = {name for expr in expressions for name in METRIC_NAME.findall(expr)}
     assert used - known == set()
     assert {"cifar10_predictions_total", "cifar10_prediction_confidence_bucket",
-            "cifar10_low_confidence_predictions_total"} <= used  # fmt: skip
+            "cifar10_low_confidence_predictions_total", "cifar10_drift_detected",
+            "cifar10_drift_ks_statistic"} <= used  # fmt: skip
     alerts = {r["alert"] for r in rules if "alert" in r}
-    assert {"Cifar10ErrorRate", "Cifar10SlowAnswers", "Cifar10LowConfidence"} <= alerts
+    assert {"Cifar10ErrorRate", "Cifar10SlowAnswers", "Cifar10LowConfidence",
+            "Cifar10InputDrift"} <= alerts  # fmt: skip
     assert all(r["annotations"]["description"] for r in rules if "alert" in r)

@@ -7,6 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import requests
@@ -290,3 +291,32 @@ def test_metrics_count_every_answered_image_by_class_and_confidence_on_every_rou
     low = int((probabilities.max(1) < 0.5).sum() + (probabilities[:2].max(1) < 0.5).sum())
     assert after["cifar10_low_confidence_predictions_total"] - before.get(
         "cifar10_low_confidence_predictions_total", 0) == low  # fmt: skip
+
+
+def test_metrics_watch_recent_images_against_the_training_reference_the_model_carries(api):
+    from mlflow.models import get_model_info
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server, session = api
+
+    def drift() -> dict:
+        text = session.get(f"{server.base}/metrics").text
+        return {(s.name, s.labels.get("statistic", "")): s for f in
+                text_string_to_metric_families(text) for s in f.samples if "drift" in s.name}  # fmt: skip
+
+    black = b64(encode_png(np.zeros((32, 32, 3), np.uint8)))
+    body = {"dataframe_split": {"columns": ["image"], "data": [[black]] * 100}}
+    session.post(f"{server.base}/invocations", json=body).raise_for_status()
+    after = drift()
+    assert after[("cifar10_drift_window_images", "")].value >= 100
+    info = after[("cifar10_drift_reference_info", "")].labels
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(server.tracking_uri)
+    try:
+        carried = get_model_info(server.model_uri).metadata["drift_reference"]
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert info["digest"] == carried["digest"] and info["window"] == "200"
+    assert after[("cifar10_drift_detected", "")].value == 1.0
+    assert after[("cifar10_drift_combined_p_value", "")].value < 0.01
+    assert after[("cifar10_drift_p_value", "mean_r")].value < 0.01

@@ -24,6 +24,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pipeline.model.architectures import build_model, class_probabilities, normalize
 from pipeline.model.decoding import InvalidImageError, decode_image
+from pipeline.model.drift import REFERENCE_ARTIFACT, DriftWindow, Reference, image_features
 from pipeline.model.explaining import gradcam_maps, overlay_png_base64, target_classes
 from pipeline.model.imaging import encode_png
 from pipeline.model.micro_batcher import MICRO_BATCH_DEFAULTS, MicroBatcher
@@ -104,6 +105,13 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
             float(settings["batch_wait_ms"]) / 1000,
         )
         self.close = weakref.finalize(self, self.batcher.stop)
+        # The server watches its inputs for drift (model_config drift_window); scoring a folder
+        # does not. A model logged before the reference existed has none to watch.
+        reference = context.artifacts.get(REFERENCE_ARTIFACT)
+        window = int(settings.get("drift_window", 0))
+        self.drift = (
+            DriftWindow(Reference.load(Path(reference)), window) if window and reference else None
+        )
 
     @property
     def model(self) -> torch.nn.Module:
@@ -124,6 +132,8 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
         report = params.get("on_error", "raise") == "report"
         try:
             result, images = self.classify(model_input, bool(params.get("tta", False)), report)
+            if self.drift is not None and len(images):
+                self.drift.add(image_features(images))
             if params.get("explain", False):
                 self.explain(result, images, params.get("target") or None)
             return result

@@ -11,17 +11,18 @@ come from benchmarks/drift_calibration.py on real CIFAR-10 images.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 FEATURES = ("mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "edges", "saturation")
 DEFAULT_WINDOW = 200
 DEFAULT_ALPHA = 0.01
 REFERENCE_IMAGES = 2000
+REFERENCE_ARTIFACT = "drift_reference"
 
 
 def image_features(images: np.ndarray) -> np.ndarray:
@@ -84,6 +85,8 @@ def drift_test(
     reference: Reference, window: np.ndarray, alpha: float = DEFAULT_ALPHA
 ) -> DriftResult:
     """Compare the statistics of `window` (from image_features) with the reference's."""
+    from scipy import stats  # here: the CLI imports this module's defaults and should start fast
+
     distances, p_values = {}, {}
     for column, name in enumerate(FEATURES):
         result = stats.ks_2samp(window[:, column], reference.features[:, column])
@@ -93,7 +96,8 @@ def drift_test(
 
 
 class DriftWindow:
-    """The statistics of the last `size` images, tested against the reference on demand."""
+    """The statistics of the last `size` images, tested against the reference on demand (request
+    threads add while a scrape tests, hence the lock)."""
 
     def __init__(
         self, reference: Reference, size: int = DEFAULT_WINDOW, alpha: float = DEFAULT_ALPHA
@@ -102,15 +106,22 @@ class DriftWindow:
             raise ValueError(
                 f"a drift window of {size} images is too small to test; use 20 or more."
             )
-        self.reference, self.alpha = reference, alpha
+        self.reference, self.alpha, self.size = reference, alpha, size
         self.rows: deque[np.ndarray] = deque(maxlen=size)
+        self.lock = threading.Lock()
 
     def add(self, features: np.ndarray) -> None:
-        self.rows.extend(features)
+        with self.lock:
+            self.rows.extend(features)
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
     @property
     def full(self) -> bool:
-        return len(self.rows) == self.rows.maxlen
+        return len(self.rows) == self.size
 
     def test(self) -> DriftResult:
-        return drift_test(self.reference, np.array(self.rows), self.alpha)
+        with self.lock:
+            window = np.array(self.rows)
+        return drift_test(self.reference, window, self.alpha)

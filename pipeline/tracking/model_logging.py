@@ -21,6 +21,7 @@ from mlflow.models.model import ModelInfo
 from mlflow.types.schema import AnyType, Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from pipeline.model.classifier import IMAGE_COLUMN
+from pipeline.model.drift import REFERENCE_ARTIFACT, Reference
 from pipeline.model.imaging import encode_png
 from pipeline.model.micro_batcher import MICRO_BATCH_DEFAULTS
 
@@ -87,11 +88,14 @@ def log_classifier(
     std: Sequence[float],
     class_names: Sequence[str],
     example_image: np.ndarray,
+    train_images: np.ndarray,
     tta: bool = False,
 ) -> ModelInfo:
     """Log `model` under the artifact name `model` in the active run, with everything to serve it.
     The model carries `pipeline/model/` (and the error base) as its code: no training, tracking or
-    serving code travels with it."""
+    serving code travels with it, and the statistics of a sample of `train_images` that the server
+    watches drift against."""
+    reference = Reference.from_images(train_images)
     meta = {
         "architecture": architecture,
         "options": options,
@@ -105,14 +109,21 @@ def log_classifier(
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
         meta_path = Path(tmp) / "meta.json"
         meta_path.write_text(json.dumps(meta, indent=2))
+        reference_path = Path(tmp) / "drift_reference.npz"
+        reference.save(reference_path)
         code = served_code(Path(tmp) / "code")
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(code / "model" / "classifier_entry.py"),
-            artifacts={"weights": str(weights), "meta": str(meta_path)},
+            artifacts={
+                "weights": str(weights),
+                "meta": str(meta_path),
+                REFERENCE_ARTIFACT: str(reference_path),
+            },  # fmt: skip
             code_paths=[str(code)],
             signature=classifier_signature(tta),
-            model_config=MICRO_BATCH_DEFAULTS,
+            # Drift watching is off unless a server turns it on (MLflow takes only logged keys).
+            model_config={**MICRO_BATCH_DEFAULTS, "drift_window": 0},
             input_example=pd.DataFrame({IMAGE_COLUMN: [encode_png(example_image)]}),
             pip_requirements=[
                 f"mlflow=={mlflow.__version__}",
@@ -121,7 +132,12 @@ def log_classifier(
                 f"pillow=={PIL.__version__}",
                 f"pandas=={pd.__version__}",
                 f"numpy=={np.__version__}",
+                f"scipy=={version('scipy')}",  # the drift test
                 f"grad-cam=={version('grad-cam')}",  # params={"explain": true}
             ],
-            metadata={"architecture": architecture, "class_names": list(class_names)},
+            metadata={
+                "architecture": architecture,
+                "class_names": list(class_names),
+                "drift_reference": {"images": len(reference.features), "digest": reference.digest},
+            },  # fmt: skip
         )

@@ -251,6 +251,7 @@ class TrainingRun:
                 prepared.splits.std,
                 prepared.data.class_names,
                 prepared.splits.val.images[0],
+                prepared.splits.train.images,
                 tta=self.resolved.tta,
             )
             model_uri, model_id = info.model_uri, info.model_id
