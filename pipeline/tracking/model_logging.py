@@ -119,7 +119,7 @@ def log_classifier(
                 "weights": str(weights),
                 "meta": str(meta_path),
                 REFERENCE_ARTIFACT: str(reference_path),
-            },  # fmt: skip
+            },
             code_paths=[str(code)],
             signature=classifier_signature(tta),
             # Drift watching is off unless a server turns it on (MLflow takes only logged keys).
@@ -139,5 +139,5 @@ def log_classifier(
                 "architecture": architecture,
                 "class_names": list(class_names),
                 "drift_reference": {"images": len(reference.features), "digest": reference.digest},
-            },  # fmt: skip
+            },
         )
