@@ -83,6 +83,10 @@ def one_start(token_file: Path, body: dict) -> dict:
                 if requests.get(f"{base}/ping", timeout=2).status_code == 200:
                     break
             except requests.ConnectionError:
+                if time.monotonic() - started > 180:
+                    raise TimeoutError(
+                        f"{name} did not answer /ping within 180 s: " + podman("logs", name)
+                    ) from None
                 time.sleep(0.05)
         ping_s = time.monotonic() - started
         answer = requests.post(
