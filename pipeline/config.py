@@ -18,7 +18,7 @@ from typing import Any, ClassVar, TypeVar
 import yaml
 
 from pipeline.errors import PipelineError
-from pipeline.model.drift import DEFAULT_WINDOW
+from pipeline.model.drift import DEFAULT_WINDOW, MIN_WINDOW
 from pipeline.model.micro_batcher import MICRO_BATCH_DEFAULTS
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
@@ -411,9 +411,10 @@ class ServeConfig:
         for name in ("port", "workers", "max_json_depth", "timeout_s", "max_batch_images"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if 0 < self.drift_window < 20:
+        if 0 < self.drift_window < MIN_WINDOW:
             raise ConfigError(
-                f"drift_window must be 0 (off) or at least 20 images, got {self.drift_window}; "
+                f"drift_window must be 0 (off) or at least {MIN_WINDOW} images, got "
+                f"{self.drift_window}; "
                 f"the calibrated default is {DEFAULT_WINDOW}."
             )
         if self.max_body_mb <= 0 or self.batch_wait_ms < 0:

@@ -53,7 +53,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 
 from pipeline.model.classifier import check_image_count
 from pipeline.model.decoding import InvalidImageError
-from pipeline.model.drift import DriftWindow
+from pipeline.model.drift import MIN_WINDOW, DriftWindow
 from registry import protocols
 from registry.protocols import ProtocolError
 
@@ -85,7 +85,6 @@ INPUT_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 MAX_MESSAGE_CHARS = 300
 # An answer whose top class has less than this probability counts as low-confidence on /metrics.
 LOW_CONFIDENCE = 0.5
-MIN_DRIFT_IMAGES = 20  # fewer recent images than this are not tested
 CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 DISCARD_AT_MOST = 8  # times the body cap: beyond that, a refused body closes the connection
 # What an answer must never show: traces, source locations, object reprs, absolute paths.
@@ -255,7 +254,7 @@ class DriftCollector:
         yield GaugeMetricFamily(
             "cifar10_drift_window_images", "Recent images in the drift window", value=len(window)
         )
-        if len(window) < MIN_DRIFT_IMAGES:
+        if len(window) < MIN_WINDOW:
             return
         result = window.test()
         p_values = GaugeMetricFamily(

@@ -20,6 +20,7 @@ import numpy as np
 
 FEATURES = ("mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "edges", "saturation")
 DEFAULT_WINDOW = 200
+MIN_WINDOW = 20  # fewer images than this are not tested
 DEFAULT_ALPHA = 0.01
 REFERENCE_IMAGES = 2000
 REFERENCE_ARTIFACT = "drift_reference"
@@ -78,7 +79,6 @@ class DriftResult:
     p_values: dict[str, float]
     p_value: float
     drift: bool
-    images: int
 
 
 def drift_test(
@@ -92,7 +92,7 @@ def drift_test(
         result = stats.ks_2samp(window[:, column], reference.features[:, column])
         distances[name], p_values[name] = float(result.statistic), float(result.pvalue)
     combined = min(1.0, min(p_values.values()) * len(FEATURES))
-    return DriftResult(distances, p_values, combined, combined < alpha, len(window))
+    return DriftResult(distances, p_values, combined, combined < alpha)
 
 
 class DriftWindow:
@@ -102,9 +102,9 @@ class DriftWindow:
     def __init__(
         self, reference: Reference, size: int = DEFAULT_WINDOW, alpha: float = DEFAULT_ALPHA
     ):
-        if size < 20:
+        if size < MIN_WINDOW:
             raise ValueError(
-                f"a drift window of {size} images is too small to test; use 20 or more."
+                f"a drift window of {size} images is too small to test; use {MIN_WINDOW} or more."
             )
         self.reference, self.alpha, self.size = reference, alpha, size
         self.rows: deque[np.ndarray] = deque(maxlen=size)
