@@ -1,20 +1,24 @@
 """How often the drift test cries wolf on images like the training data, and how many shifted
 images it needs to notice a shift: the numbers behind pipeline/model/drift.py's defaults.
 
-On the real 5,085-image subset: a reference from 2,000 of 4,000 "training" images, held-out windows
-from the other 1,085. False alarms: `--windows` random held-out windows per window size and alpha.
-Detection: a window full of held-out images, then shifted held-out images one at a time (one per
-request) until the test says drift, `--trials` orders per shift; "not seen" if a whole window of
-shifted images passes. Shifts: darker, washed out, blurred, noisy, grayscale, rotated by 90°, and
-images of another kind (32x32 crops of scikit-learn's two sample photos).
+On the real 5,085-image subset: the real `train` command fits `fastnet` on 4,000 of them (its own
+10% validation split gives the reference's confidence; 2,000 of its training images the image
+statistics), and the windows come from the other 1,085, scored by that logged model. False alarms:
+`--windows` random held-out windows per window size and alpha. Detection: a window full of held-out
+images, then shifted held-out images one at a time (one per request) until the test says drift,
+`--trials` orders per shift; "not seen" if a whole window of shifted images passes. Shifts: darker,
+washed out, blurred, noisy, grayscale, rotated by 90°, and images of another kind (32x32 crops of
+scikit-learn's two sample photos). Each setting twice: the image statistics alone, and with the
+model's confidence (what the server tests).
 
-    python -m benchmarks.drift_calibration [--windows 400] [--trials 10]
+    python -m benchmarks.drift_calibration [--windows 400] [--trials 10] [--epochs 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,8 +28,9 @@ from scipy import ndimage
 from sklearn.datasets import load_sample_images
 
 from benchmarks.machine import machine
-from pipeline.data.cifar_batches import BATCH_DIR, load_cifar_batches
-from pipeline.model.drift import DriftWindow, Reference, drift_test, image_features
+from pipeline.data.cifar_batches import BATCH_DIR, load_cifar_batches, write_batch, write_meta
+from pipeline.model.classifier import predict_probabilities
+from pipeline.model.drift import DriftWindow, drift_test, image_features
 
 SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-subset" / BATCH_DIR
 
@@ -65,63 +70,107 @@ SHIFTS = ("darker", "washed_out", "blurred", "noisy", "grayscale", "rotated", "o
 
 
 def false_alarm_rate(reference, held_out, window, alpha, windows, rng) -> float:
+    """`held_out`: (features, confidence or None) of images like the training data."""
+    features, confidence = held_out
     alarms = 0
     for _ in range(windows):
-        chosen = rng.choice(len(held_out), window, replace=False)
-        alarms += drift_test(reference, held_out[chosen], alpha).drift
+        chosen = rng.choice(len(features), window, replace=False)
+        picked = None if confidence is None else confidence[chosen]
+        alarms += drift_test(reference, features[chosen], alpha, picked).drift
     return alarms / windows
 
 
-def images_to_detection(reference, held_out, shifted_features, window, alpha, rng) -> int | None:
+def images_to_detection(reference, held_out, shifted, window, alpha, rng) -> int | None:
     watch = DriftWindow(reference, window, alpha)
-    watch.add(held_out[rng.choice(len(held_out), window, replace=False)])
-    for seen, row in enumerate(
-        shifted_features[rng.permutation(len(shifted_features))][:window], 1
-    ):
-        watch.add(row[None])
+    chosen = rng.choice(len(held_out[0]), window, replace=False)
+    watch.add(held_out[0][chosen], None if held_out[1] is None else held_out[1][chosen])
+    for seen, row in enumerate(rng.permutation(len(shifted[0]))[:window], 1):
+        watch.add(shifted[0][row][None], None if shifted[1] is None else shifted[1][row][None])
         if watch.test().drift:
             return seen
     return None
+
+
+def trained_model(images: np.ndarray, labels: np.ndarray, epochs: int, root: Path):
+    """The real `train` command on these images (fastnet's recipe), in a store of its own."""
+    import mlflow
+
+    from pipeline.config import resolve_train_config
+    from pipeline.train import run_train
+
+    batch_dir = root / "data" / BATCH_DIR
+    batch_dir.mkdir(parents=True)
+    write_batch(batch_dir / "data_batch_1", images, labels)
+    write_meta(batch_dir)
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    mlflow.create_experiment("drift", artifact_location=str(root / "artifacts"))
+    config = resolve_train_config({"model": "fastnet", "data_dir": str(root / "data"),
+                                   "epochs": epochs, "experiment_name": "drift"})  # fmt: skip
+    trained = run_train(config)
+    return mlflow.pyfunc.load_model(trained.model_uri), trained.best_val_accuracy
+
+
+def confidence_of(classifier, images: np.ndarray) -> np.ndarray:
+    meta = classifier.meta
+    probabilities = predict_probabilities(classifier.model, images, meta["mean"], meta["std"], True)
+    return probabilities.max(axis=1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=400)
     parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--out", default="benchmarks/results/drift_cpu.jsonl")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    images = load_cifar_batches(SUBSET, tuple(f"data_batch_{i}" for i in range(1, 6))).images
-    order = rng.permutation(len(images))
-    train, held_out_images = images[order[:4000]], images[order[4000:]]
-    reference = Reference.from_images(train)
-    held_out = image_features(held_out_images)
-    shifts = {kind: image_features(shifted(held_out_images, kind, rng)) for kind in SHIFTS}
+    data = load_cifar_batches(SUBSET, tuple(f"data_batch_{i}" for i in range(1, 6)))
+    order = rng.permutation(len(data.images))
+    train, held_out_images = order[:4000], order[4000:]
+    with tempfile.TemporaryDirectory() as tmp:
+        model, val_accuracy = trained_model(
+            data.images[train], data.labels[train], args.epochs, Path(tmp)
+        )
+        classifier = model.unwrap_python_model()
+        reference = classifier.reference
+        held = data.images[held_out_images]
+        sets = {"held_out": held} | {kind: shifted(held, kind, rng) for kind in SHIFTS}
+        scored = {k: (image_features(v), confidence_of(classifier, v)) for k, v in sets.items()}
+        held_accuracy = float(
+            (predict_probabilities(classifier.model, held, classifier.meta["mean"],
+                                   classifier.meta["std"], True).argmax(1)
+             == data.labels[held_out_images]).mean()
+        )  # fmt: skip
 
     rows = []
-    for window in (100, 200, 400):
-        for alpha in (0.01, 0.05):
-            row = {"window": window, "alpha": alpha,
-                   "false_alarm_rate": false_alarm_rate(reference, held_out, window, alpha,
-                                                        args.windows, rng)}  # fmt: skip
-            for kind, features in shifts.items():
-                counts = [
-                    images_to_detection(reference, held_out, features, window, alpha, rng)
-                    for _ in range(args.trials)
-                ]
-                seen = [c for c in counts if c is not None]
-                row[kind] = {"median_images": float(np.median(seen)) if seen else None,
-                             "seen": f"{len(seen)}/{len(counts)}"}  # fmt: skip
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for tests in ("image statistics", "image statistics + confidence"):
+        with_confidence = tests.endswith("confidence")
+        chosen = {k: (f, c if with_confidence else None) for k, (f, c) in scored.items()}
+        for window in (100, 200, 400):
+            for alpha in (0.01, 0.05):
+                row = {"tests": tests, "window": window, "alpha": alpha,
+                       "false_alarm_rate": false_alarm_rate(reference, chosen["held_out"], window,
+                                                            alpha, args.windows, rng)}  # fmt: skip
+                for kind in SHIFTS:
+                    counts = [
+                        images_to_detection(
+                            reference, chosen["held_out"], chosen[kind], window, alpha, rng
+                        )
+                        for _ in range(args.trials)
+                    ]
+                    seen = [c for c in counts if c is not None]
+                    row[kind] = {"median_images": float(np.median(seen)) if seen else None,
+                                 "seen": f"{len(seen)}/{len(counts)}"}  # fmt: skip
+                rows.append(row)
+                print(json.dumps(row), flush=True)
 
-    one = held_out_images[:1]
+    one = held[:1]
     started = time.perf_counter()
     for _ in range(2000):
         image_features(one)
     features_us = (time.perf_counter() - started) / 2000 * 1e6
     watch = DriftWindow(reference)
-    watch.add(held_out[:200])
+    watch.add(scored["held_out"][0][:200], scored["held_out"][1][:200])
     started = time.perf_counter()
     for _ in range(200):
         watch.test()
@@ -129,8 +178,12 @@ def main() -> None:
     record = {
         "benchmark": "drift_calibration",
         **machine(),
+        "model": f"fastnet, {args.epochs} epochs on 4,000 subset images",
+        "val_accuracy": round(val_accuracy, 4),
+        "held_out_accuracy": round(held_accuracy, 4),
         "reference_images": len(reference.features),
-        "held_out_images": len(held_out),
+        "reference_confidence_images": len(reference.confidence),
+        "held_out_images": len(held),
         "windows_per_setting": args.windows,
         "trials_per_shift": args.trials,
         "features_per_image_us": round(features_us, 1),

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, TypeVar
 import yaml
 
 from pipeline.errors import PipelineError
-from pipeline.model.drift import DEFAULT_WINDOW, MIN_WINDOW
+from pipeline.model.drift import DEFAULT_ALPHA, DEFAULT_WINDOW, MIN_WINDOW
 from pipeline.model.micro_batcher import MICRO_BATCH_DEFAULTS
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
@@ -406,9 +406,25 @@ class ServeConfig:
     drift_window: int = option(
         DEFAULT_WINDOW, "recent images compared with the training data on /metrics (0 = off)"
     )
+    inference_log: str = option(
+        "", "folder or s3://bucket/prefix for the inference log's Parquet files (empty = off)"
+    )
+    log_sample: float = option(1.0, "inference log: share of answered images written")
+    log_images: bool = option(False, "inference log: keep each image's bytes too")
+    log_max_image_kb: float = option(64.0, "inference log: larger images are kept without bytes")
+    log_rotate_rows: int = option(1000, "inference log: rows per file")
+    log_rotate_s: float = option(60.0, "inference log: longest wait before a file is written")
+    log_max_mb: float = option(1024.0, "inference log: a local folder's cap (oldest files go)")
 
     def __post_init__(self) -> None:
-        for name in ("port", "workers", "max_json_depth", "timeout_s", "max_batch_images"):
+        for name in (
+            "port",
+            "workers",
+            "max_json_depth",
+            "timeout_s",
+            "max_batch_images",
+            "log_rotate_rows",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if 0 < self.drift_window < MIN_WINDOW:
@@ -422,6 +438,49 @@ class ServeConfig:
                 "max_body_mb must be positive and batch_wait_ms not negative, got "
                 f"{self.max_body_mb} and {self.batch_wait_ms}."
             )
+        if not 0 < self.log_sample <= 1:
+            raise ConfigError(
+                f"log_sample must be above 0 and at most 1, got {self.log_sample}; "
+                "0.1 writes every tenth image."
+            )
+        if min(self.log_max_image_kb, self.log_rotate_s, self.log_max_mb) <= 0:
+            raise ConfigError("log_max_image_kb, log_rotate_s and log_max_mb must be positive.")
+
+
+@dataclass
+class MonitorConfig:
+    """Drift of served (or any) images against the model's reference, as a run with a verdict."""
+
+    ENTRY: ClassVar[EntryPoint] = EntryPoint(
+        "monitor",
+        "pipeline.monitor:run_monitor",
+        "compare the inference log or a folder of images with the model's training reference",
+    )
+
+    source: str = required(
+        "the serve inference log (its folder or s3://bucket/prefix), or a folder, archive or glob "
+        "of images"
+    )
+    model_uri: str = option("models:/cifar10-resnet@champion", MODEL_URI_HELP)
+    window: int = option(1000, "the most recent rows of the log (or images) compared (0 = all)")
+    alpha: float = option(DEFAULT_ALPHA, "significance of the combined test; drift below it")
+    fail_on_drift: bool = option(False, "exit non-zero when the verdict is drift (scheduled jobs)")
+    batch_size: int = option(256, "images per scoring chunk (a folder of images)")
+    experiment_name: str | None = option(None, EXPERIMENT_NAME_HELP)
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ConfigError(
+                "source is required: the inference log's folder (serve -P inference_log=...), an "
+                "s3://bucket/prefix, or a folder of images."
+            )
+        if self.window != 0 and self.window < MIN_WINDOW:
+            raise ConfigError(
+                f"window must be 0 (all) or at least {MIN_WINDOW} images, got {self.window}."
+            )
+        check_fraction("alpha", self.alpha)
+        if not 1 <= self.batch_size <= 1024:
+            raise ConfigError(f"batch_size must be between 1 and 1024, got {self.batch_size}.")
 
 
 def entry_point_configs() -> dict[str, type]:

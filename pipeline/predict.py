@@ -9,7 +9,6 @@ the files with Spark's `binaryFile` source and runs the same pyfunc through
 
 from __future__ import annotations
 
-import glob
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, PredictConfig, config_to_params
-from pipeline.data.image_folder import is_archive, unpacked_archive
+from pipeline.data.inputs import InputFiles, list_inputs, read_bytes
 from pipeline.model.classifier import IMAGE_COLUMN
 from pipeline.tracking.model_logging import default_tta
 from pipeline.tracking.runs import (
@@ -36,62 +35,9 @@ from pipeline.tracking.runs import (
 
 # Hadoop's file listing (and so Spark's binaryFile source) skips names starting with "." or "_";
 # the local engine skips the same, so both score the same files.
-HIDDEN_PREFIXES = (".", "_")
-GLOB_CHARACTERS = "*?["
 ARTIFACT_LIMIT_BYTES = 50 * 2**20
 SCORE_OPTIONS = {"on_error": "report"}
 SPARK_RESULT_TYPE = "label long, class_name string, probabilities array<double>, error string"
-
-
-@dataclass
-class InputFiles:
-    """The files to score, sorted; their table paths are relative to `root`."""
-
-    root: Path
-    files: list[Path]
-
-    def relative(self, path: Path) -> str:
-        return path.relative_to(self.root).as_posix()
-
-
-def hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(HIDDEN_PREFIXES) for part in path.relative_to(root).parts)
-
-
-def list_inputs(location: str) -> InputFiles:
-    """A folder (searched recursively), an archive (unpacked once into the cache, with the data
-    layer's checks) or a glob (`photos/**/*.jpg`), as the files to score."""
-    if any(character in location for character in GLOB_CHARACTERS):
-        base = location[: min(location.index(c) for c in GLOB_CHARACTERS if c in location)]
-        root = Path(base if base.endswith(os.sep) else os.path.dirname(base) or ".").resolve()
-        found = [Path(p).resolve() for p in glob.glob(location, recursive=True)]
-    else:
-        path = Path(location).expanduser()
-        if is_archive(path):
-            root = unpacked_archive(path)  # paths in the table: the members' names
-        elif path.is_dir():
-            root = path.resolve()
-        elif path.exists():
-            raise ConfigError(
-                f"input {path} is a file but not an archive (.tar.gz, .tgz, .tar, .zip); pass "
-                "its folder, an archive or a glob such as 'photos/*.jpg'."
-            )
-        else:
-            raise ConfigError(
-                f"input {path} does not exist; pass a folder of images, an archive or a glob."
-            )
-        found = list(root.rglob("*"))
-    files = sorted(p for p in found if p.is_file() and not hidden(p, root))
-    if not files:
-        raise ConfigError(f"input {location} holds no files to score.")
-    return InputFiles(root, files)
-
-
-def read_bytes(path: Path) -> bytes | str:
-    try:
-        return path.read_bytes()
-    except OSError as error:
-        return f"cannot read the file ({error.strerror})"
 
 
 def score_chunk(

@@ -34,6 +34,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,13 @@ from pipeline.model.classifier import check_image_count
 from pipeline.model.decoding import InvalidImageError
 from pipeline.model.drift import MIN_WINDOW, DriftWindow
 from registry import protocols
+from registry.inference_log import LogCounters
 from registry.protocols import ProtocolError
 
 Scope = MutableMapping[str, Any]
+# The id of the request being answered, for what the model's predict reaches (the inference log):
+# the threads MLflow and ModelRoutes predict on copy the request's context.
+REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
@@ -215,6 +220,22 @@ class ServerMetrics:
             "cifar10_low_confidence_predictions",
             f"Answered images whose predicted class has a probability below {LOW_CONFIDENCE}",
             registry=own,
+        )
+        self.inference_log = LogCounters(
+            Counter(
+                "cifar10_inference_log_rows", "Rows written to the inference log", registry=own
+            ),
+            Counter(
+                "cifar10_inference_log_dropped_rows",
+                "Inference-log rows not written, by reason (queue_full, write_failed)",
+                ["reason"],
+                registry=own,
+            ),
+            Counter(
+                "cifar10_inference_log_removed_files",
+                "Oldest inference-log files removed to keep the folder under its cap",
+                registry=own,
+            ),
         )
 
     def watch_drift(self, window: DriftWindow) -> None:
@@ -386,6 +407,7 @@ class Observed(HttpGuard):
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = uuid.uuid4().hex[:16]
         scope.setdefault("state", {})["request_id"] = request_id
+        REQUEST_ID.set(request_id)
         route = route_of(scope["path"])
         protocol = is_protocol_route(scope["path"])
         started = time.perf_counter()

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import dataclasses
 import ipaddress
 import json
+import logging
 import os
 import re
 import shutil
@@ -144,6 +147,7 @@ def run_serve(config: ServeConfig) -> None:
                 "batch_wait_ms": config.batch_wait_ms,
                 "drift_window": config.drift_window,
             },
+            "inference_log": inference_log_settings(config),
         }
     )
     if token:
@@ -171,6 +175,38 @@ def run_serve(config: ServeConfig) -> None:
         f"(http://{config.host}:{config.port})",
         file=sys.stderr,
         flush=True,
+    )
+
+
+def inference_log_settings(config: ServeConfig) -> dict | None:
+    """The log's settings for each worker, once a local folder is known to take files."""
+    if not config.inference_log:
+        return None
+    from registry.inference_log import InferenceLogSettings
+
+    destination = config.inference_log
+    if not destination.startswith("s3://"):
+        folder = Path(destination).expanduser().resolve()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+                pass
+        except OSError as error:
+            raise ConfigError(
+                f"inference_log folder {folder} cannot take files ({error.strerror}); give "
+                "-P inference_log a folder this user can write, or an s3://bucket/prefix."
+            ) from None
+        destination = str(folder)
+    return dataclasses.asdict(
+        InferenceLogSettings(
+            destination,
+            sample=config.log_sample,
+            log_images=config.log_images,
+            max_image_kb=config.log_max_image_kb,
+            rotate_rows=config.log_rotate_rows,
+            rotate_s=config.log_rotate_s,
+            max_mb=config.log_max_mb,
+        )
     )
 
 
@@ -294,8 +330,11 @@ def app_from_environment():
     card = settings["card"]
     metrics = ServerMetrics()
     observe_model(model, metrics, card["class_names"])
-    if (drift := getattr(model.unwrap_python_model(), "drift", None)) is not None:
+    classifier = model.unwrap_python_model()
+    if (drift := getattr(classifier, "drift", None)) is not None:
         metrics.watch_drift(drift)
+    if settings["inference_log"]:
+        start_inference_log(classifier, settings["inference_log"], card, metrics)
     served = ServedModel(
         model, card["name"], card["version"], card["class_names"], card, settings["timeout_s"]
     )
@@ -309,6 +348,28 @@ def app_from_environment():
         metrics,
         served,
     )
+
+
+def start_inference_log(classifier, settings: dict, card: dict, metrics) -> None:
+    """Attach the inference log to the loaded classifier; what is queued is written at exit."""
+    from registry.gateway import REQUEST_ID
+    from registry.inference_log import InferenceLog, InferenceLogSettings
+
+    if not hasattr(classifier, "observers"):
+        logging.getLogger(__name__).warning(
+            "inference log off: this model was logged before the log existed; train it again "
+            "(mlflow run . -e train) to log its answers."
+        )
+        return
+    log = InferenceLog(
+        InferenceLogSettings(**settings),
+        card["name"],
+        str(card["version"]),
+        REQUEST_ID.get,
+        metrics.inference_log,
+    )
+    classifier.observers.append(log.observe)
+    atexit.register(log.close)
 
 
 def wait_until_serving(base_url: str, process: subprocess.Popen, timeout: float = 120) -> None:

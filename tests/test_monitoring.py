@@ -69,6 +69,7 @@ def exported_names() -> set[str]:
     metrics.latency.labels("/invocations").observe(0.01)
     metrics.rejected.labels("no_token").inc()
     metrics.predictions.labels("cat").inc()
+    metrics.inference_log.dropped.labels("write_failed").inc()
     rng = np.random.default_rng(0)
     window = DriftWindow(Reference(rng.random((100, 8), dtype=np.float32)), size=20)
     window.add(rng.random((20, 8), dtype=np.float32))
@@ -89,8 +90,8 @@ def test_the_rules_and_the_dashboard_use_only_metrics_the_server_exports():
     assert used - known == set()
     assert {"cifar10_predictions_total", "cifar10_prediction_confidence_bucket",
             "cifar10_low_confidence_predictions_total", "cifar10_drift_detected",
-            "cifar10_drift_ks_statistic"} <= used  # fmt: skip
+            "cifar10_drift_ks_statistic", "cifar10_inference_log_dropped_rows_total"} <= used  # fmt: skip
     alerts = {r["alert"] for r in rules if "alert" in r}
     assert {"Cifar10ErrorRate", "Cifar10SlowAnswers", "Cifar10LowConfidence",
-            "Cifar10InputDrift"} <= alerts  # fmt: skip
+            "Cifar10InputDrift", "Cifar10InferenceLogDropping"} <= alerts  # fmt: skip
     assert all(r["annotations"]["description"] for r in rules if "alert" in r)

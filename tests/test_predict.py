@@ -13,6 +13,7 @@ from PIL import Image
 
 from pipeline.config import ConfigError, PredictConfig, resolve_train_config
 from pipeline.data.image_folder import UnsafeArchiveError
+from pipeline.data.inputs import InputError
 from pipeline.predict import run_predict
 from pipeline.train import run_train
 from tests.conftest import write_image_tree
@@ -159,5 +160,5 @@ def test_bad_settings_name_the_fix(settings, message):
 
 
 def test_a_missing_input_is_one_clear_error(model_uri, tracking, tmp_path):
-    with pytest.raises(ConfigError, match="does not exist; pass a folder of images"):
+    with pytest.raises(InputError, match="does not exist; pass a folder of images"):
         scored(model_uri, tracking, tmp_path / "nowhere", tmp_path / "p.csv")

@@ -10,8 +10,11 @@ nothing process-wide; the thread ends when the model is released or `close()`d.
 from __future__ import annotations
 
 import json
+import logging
+import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from pipeline.model.micro_batcher import MICRO_BATCH_DEFAULTS, MicroBatcher
 
 IMAGE_COLUMN = "image"
 MAX_IMAGES_PER_REQUEST = 1024
+logger = logging.getLogger(__name__)
 
 
 def check_image_count(count: int) -> None:
@@ -84,6 +88,20 @@ def load_network(meta: dict[str, Any], weights_path: str) -> torch.nn.Module:
     return model.eval()
 
 
+@dataclass(frozen=True)
+class Observation:
+    """One answered call, for what watches the served model (the drift window, the inference log):
+    the request's rows and the answer row for row, and for the rows that were scored their pixels,
+    image statistics (drift.image_features) and top-class probability."""
+
+    frame: pd.DataFrame
+    result: pd.DataFrame
+    images: np.ndarray
+    features: np.ndarray
+    confidence: np.ndarray
+    seconds: float
+
+
 class CifarClassifier(mlflow.pyfunc.PythonModel):
     """Classifies encoded images with the logged network, normalizing exactly as in training."""
 
@@ -109,9 +127,11 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
         # does not. A model logged before the reference existed has none to watch.
         reference = context.artifacts.get(REFERENCE_ARTIFACT)
         window = int(settings.get("drift_window", 0))
-        self.drift = (
-            DriftWindow(Reference.load(Path(reference)), window) if window and reference else None
-        )
+        self.reference = Reference.load(Path(reference)) if reference else None
+        self.drift = DriftWindow(self.reference, window) if window and reference else None
+        self.observers: list[Callable[[Observation], None]] = []
+        if (drift := self.drift) is not None:
+            self.observers.append(lambda seen: drift.add(seen.features, seen.confidence))
 
     @property
     def model(self) -> torch.nn.Module:
@@ -131,14 +151,35 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
         params = params or {}
         report = params.get("on_error", "raise") == "report"
         try:
+            started = time.perf_counter()
             result, images = self.classify(model_input, bool(params.get("tta", False)), report)
-            if self.drift is not None and len(images):
-                self.drift.add(image_features(images))
+            if self.observers and len(images):
+                self.notify(model_input, result, images, time.perf_counter() - started)
             if params.get("explain", False):
                 self.explain(result, images, params.get("target") or None)
             return result
         except InvalidImageError as error:
             raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
+
+    def notify(
+        self, frame: pd.DataFrame, result: pd.DataFrame, images: np.ndarray, seconds: float
+    ) -> None:
+        """Tell each observer about this answer; one that fails is logged, never the request's
+        problem."""
+        scored = result["probabilities"][result["label"].to_numpy() >= 0]
+        seen = Observation(
+            frame,
+            result,
+            images,
+            image_features(images),
+            np.array([max(p) for p in scored], dtype=np.float64),
+            seconds,
+        )
+        for observer in self.observers:
+            try:
+                observer(seen)
+            except Exception:
+                logger.exception("an observer of the served model failed; the answer stands")
 
     def explain(self, result: pd.DataFrame, images: np.ndarray, target: str | None) -> None:
         """Grad-CAM columns for the scored rows of `result` (whose pixels are `images`), computed

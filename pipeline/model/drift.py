@@ -1,11 +1,14 @@
-"""Has the model started to see images unlike its training data? A few statistics per image,
-compared between a sliding window of recent images and a reference sample of training images with
-two-sample Kolmogorov-Smirnov tests (one per statistic, Bonferroni-combined).
+"""Has the model started to see images unlike its training data? A few statistics per image, and
+the model's confidence in its answer, compared between a sliding window of recent images and a
+reference sample with two-sample Kolmogorov-Smirnov tests (one per statistic, Bonferroni-combined).
 
-The statistics are cheap (no model call) and catch what goes wrong with cameras and clients: a
-darker or brighter scene (channel means), washed-out or clipped contrast (channel spreads), blur,
-noise and resampling (edge energy), and grayscale or colour-cast input (saturation). Defaults
-come from benchmarks/drift_calibration.py on real CIFAR-10 images.
+The image statistics are cheap (no model call) and catch what goes wrong with cameras and clients:
+a darker or brighter scene (channel means), washed-out or clipped contrast (channel spreads), blur,
+noise and resampling (edge energy), and grayscale or colour-cast input (saturation). The top-class
+probability catches what leaves those alone but puzzles the network (a rotated camera, another kind
+of picture); its reference comes from held-out validation images, where the network is as sure as
+it will be on new images, not from the training images it has memorized. Defaults come from
+benchmarks/drift_calibration.py on real CIFAR-10 images.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 FEATURES = ("mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "edges", "saturation")
+CONFIDENCE = "confidence"  # the model's top-class probability, beside the image statistics
 DEFAULT_WINDOW = 200
 MIN_WINDOW = 20  # fewer images than this are not tested
 DEFAULT_ALPHA = 0.01
@@ -43,22 +47,51 @@ def image_features(images: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Reference:
-    """Statistics of a sample of training images, carried by the logged model."""
+    """What the logged model carries: statistics of a sample of training images and, where the run
+    had a validation split, the network's top-class probability and predicted-class shares there."""
 
     features: np.ndarray
+    confidence: np.ndarray | None = None
+    class_shares: np.ndarray | None = None
 
     @classmethod
-    def from_images(cls, images: np.ndarray, max_images: int = REFERENCE_IMAGES, seed: int = 0):
+    def from_images(
+        cls,
+        images: np.ndarray,
+        max_images: int = REFERENCE_IMAGES,
+        seed: int = 0,
+        probabilities: np.ndarray | None = None,
+    ) -> Reference:
+        """`probabilities`: the network's softmax outputs on held-out images (any number)."""
         rng = np.random.default_rng(seed)
         chosen = rng.permutation(len(images))[:max_images]
-        return cls(image_features(images[np.sort(chosen)]))
+        if probabilities is None or not len(probabilities):
+            return cls(image_features(images[np.sort(chosen)]))
+        probabilities = np.asarray(probabilities, dtype=np.float64)
+        shares = np.bincount(probabilities.argmax(1), minlength=probabilities.shape[1])
+        return cls(
+            image_features(images[np.sort(chosen)]),
+            probabilities.max(1).astype(np.float32),
+            (shares / shares.sum()).astype(np.float32),
+        )
+
+    @property
+    def statistics(self) -> tuple[str, ...]:
+        return FEATURES + ((CONFIDENCE,) if self.confidence is not None else ())
 
     @property
     def digest(self) -> str:
-        return hashlib.sha256(np.ascontiguousarray(self.features).tobytes()).hexdigest()[:16]
+        parts = [self.features] + [a for a in (self.confidence, self.class_shares) if a is not None]
+        hashed = hashlib.sha256()
+        for part in parts:
+            hashed.update(np.ascontiguousarray(part).tobytes())
+        return hashed.hexdigest()[:16]
 
     def save(self, path: Path) -> None:
-        np.savez_compressed(path, features=self.features, names=np.array(FEATURES))
+        outputs = {}
+        if self.confidence is not None:
+            outputs = {"confidence": self.confidence, "class_shares": self.class_shares}
+        np.savez_compressed(path, features=self.features, names=np.array(FEATURES), **outputs)
 
     @classmethod
     def load(cls, path: Path) -> Reference:
@@ -68,7 +101,9 @@ class Reference:
                     f"{path} holds statistics {tuple(saved['names'])}, this code computes "
                     f"{FEATURES}; log the model again to refresh its drift reference."
                 )
-            return cls(saved["features"])
+            if "confidence" not in saved:  # logged before the confidence test existed
+                return cls(saved["features"])
+            return cls(saved["features"], saved["confidence"], saved["class_shares"])
 
 
 @dataclass(frozen=True)
@@ -82,22 +117,32 @@ class DriftResult:
 
 
 def drift_test(
-    reference: Reference, window: np.ndarray, alpha: float = DEFAULT_ALPHA
+    reference: Reference,
+    window: np.ndarray,
+    alpha: float = DEFAULT_ALPHA,
+    confidence: np.ndarray | None = None,
 ) -> DriftResult:
-    """Compare the statistics of `window` (from image_features) with the reference's."""
+    """Compare the statistics of `window` (from image_features) with the reference's, and the
+    model's top-class probabilities on those images (`confidence`) where both have them."""
     from scipy import stats  # here: the CLI imports this module's defaults and should start fast
 
+    samples = {name: (window[:, column], reference.features[:, column])
+               for column, name in enumerate(FEATURES)}  # fmt: skip
+    if confidence is not None and reference.confidence is not None:
+        known = confidence[~np.isnan(confidence)]
+        if len(known) >= MIN_WINDOW:
+            samples[CONFIDENCE] = (known, reference.confidence)
     distances, p_values = {}, {}
-    for column, name in enumerate(FEATURES):
-        result = stats.ks_2samp(window[:, column], reference.features[:, column])
+    for name, (recent, expected) in samples.items():
+        result = stats.ks_2samp(recent, expected)
         distances[name], p_values[name] = float(result.statistic), float(result.pvalue)
-    combined = min(1.0, min(p_values.values()) * len(FEATURES))
+    combined = min(1.0, min(p_values.values()) * len(samples))
     return DriftResult(distances, p_values, combined, combined < alpha)
 
 
 class DriftWindow:
-    """The statistics of the last `size` images, tested against the reference on demand (request
-    threads add while a scrape tests, hence the lock)."""
+    """The statistics of the last `size` images and the model's confidence in each, tested against
+    the reference on demand (request threads add while a scrape tests, hence the lock)."""
 
     def __init__(
         self, reference: Reference, size: int = DEFAULT_WINDOW, alpha: float = DEFAULT_ALPHA
@@ -110,9 +155,12 @@ class DriftWindow:
         self.rows: deque[np.ndarray] = deque(maxlen=size)
         self.lock = threading.Lock()
 
-    def add(self, features: np.ndarray) -> None:
+    def add(self, features: np.ndarray, confidence: np.ndarray | None = None) -> None:
+        """`confidence`: the top-class probability of each image (NaN or None: not known)."""
+        known = np.full(len(features), np.nan) if confidence is None else confidence
+        rows = np.column_stack([features, known])
         with self.lock:
-            self.rows.extend(features)
+            self.rows.extend(rows)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -124,4 +172,4 @@ class DriftWindow:
     def test(self) -> DriftResult:
         with self.lock:
             window = np.array(self.rows)
-        return drift_test(self.reference, window, self.alpha)
+        return drift_test(self.reference, window[:, :-1], self.alpha, window[:, -1])

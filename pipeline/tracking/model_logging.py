@@ -20,8 +20,8 @@ from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types.schema import AnyType, Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-from pipeline.model.classifier import IMAGE_COLUMN
-from pipeline.model.drift import REFERENCE_ARTIFACT, Reference
+from pipeline.model.classifier import IMAGE_COLUMN, predict_probabilities
+from pipeline.model.drift import REFERENCE_ARTIFACT, REFERENCE_IMAGES, Reference
 from pipeline.model.imaging import encode_png
 from pipeline.model.micro_batcher import MICRO_BATCH_DEFAULTS
 
@@ -89,13 +89,18 @@ def log_classifier(
     class_names: Sequence[str],
     example_image: np.ndarray,
     train_images: np.ndarray,
+    val_images: np.ndarray,
     tta: bool = False,
 ) -> ModelInfo:
     """Log `model` under the artifact name `model` in the active run, with everything to serve it.
     The model carries `pipeline/model/` (and the error base) as its code: no training, tracking or
-    serving code travels with it, and the statistics of a sample of `train_images` that the server
-    watches drift against."""
-    reference = Reference.from_images(train_images)
+    serving code travels with it, and the drift reference the server watches against: statistics
+    of a sample of `train_images`, and the network's outputs on (up to 2,000) `val_images`."""
+    held_out = val_images[:REFERENCE_IMAGES]
+    probabilities = (
+        predict_probabilities(model, held_out, mean, std, tta) if len(held_out) else None
+    )
+    reference = Reference.from_images(train_images, probabilities=probabilities)
     meta = {
         "architecture": architecture,
         "options": options,
@@ -138,6 +143,10 @@ def log_classifier(
             metadata={
                 "architecture": architecture,
                 "class_names": list(class_names),
-                "drift_reference": {"images": len(reference.features), "digest": reference.digest},
+                "drift_reference": {
+                    "images": len(reference.features),
+                    "held_out_images": len(held_out),
+                    "digest": reference.digest,
+                },
             },
         )

@@ -252,6 +252,7 @@ class TrainingRun:
                 prepared.data.class_names,
                 prepared.splits.val.images[0],
                 prepared.splits.train.images,
+                prepared.splits.val.images,
                 tta=self.resolved.tta,
             )
             model_uri, model_id = info.model_uri, info.model_id

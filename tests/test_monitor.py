@@ -1,0 +1,160 @@
+"""Watching the served model end to end: a real server writes its inference log (request ids, the
+model's name and version), /metrics counts the rows, and `monitor` finds no drift in held-out images
+or in that log, finds it in darkened ones, and fails a scheduled job on drift when asked."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.config import MonitorConfig
+from pipeline.data.sources import load_test_set
+from pipeline.model.imaging import encode_png
+from pipeline.monitor import run_monitor
+from registry.server import TOKEN_ENV, hardened_command, wait_until_serving
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tiny_tracking(tiny_server):
+    """In this process, the tiny server's tracking store."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tiny_server.tracking_uri)
+    yield tiny_server
+    mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="module")
+def held_out() -> np.ndarray:
+    return load_test_set("synthetic", None, False).images[:120]
+
+
+def write_pngs(folder: Path, images: np.ndarray) -> Path:
+    folder.mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:04d}.png")
+    return folder
+
+
+def post(url: str, token: str, body: dict) -> tuple[dict, str]:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.load(response), response.headers["x-request-id"]
+
+
+def test_the_server_logs_every_answer_and_monitor_finds_no_drift_in_it(
+    tiny_tracking, held_out, tmp_path
+):
+    tiny_server = tiny_tracking
+    import base64
+
+    log = tmp_path / "log"
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", *hardened_command(
+            "models:/cifar10-tiny@champion", port, "--inference-log", str(log),
+            "--log-rotate-rows", "25", "--log-rotate-s", "1")],
+        env=os.environ | {"MLFLOW_TRACKING_URI": tiny_server.tracking_uri,
+                          TOKEN_ENV: tiny_server.token},
+        stdout=(tmp_path / "server.log").open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(base, process)
+        request_ids = set()
+        for start in range(0, 100, 20):
+            pictures = [
+                base64.b64encode(encode_png(i)).decode() for i in held_out[start : start + 20]
+            ]
+            route = "/invocations" if start % 40 == 0 else "/v2/models/cifar10-tiny/infer"
+            body = ({"dataframe_split": {"columns": ["image"], "data": [[p] for p in pictures]}}
+                    if route == "/invocations" else
+                    {"inputs": [{"name": "image", "shape": [20], "datatype": "BYTES",
+                                 "data": pictures}]})  # fmt: skip
+            request_ids.add(post(base + route, tiny_server.token, body)[1])
+        deadline = time.monotonic() + 30
+        while sum(len(pd.read_parquet(f)) for f in log.glob("inference-*.parquet")) < 100:
+            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-2000:]
+            time.sleep(0.2)
+        metrics = urllib.request.urlopen(
+            urllib.request.Request(
+                base + "/metrics", headers={"Authorization": f"Bearer {tiny_server.token}"}
+            )
+        ).read()
+        assert b"cifar10_inference_log_rows_total 100.0" in metrics
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    rows = pd.concat([pd.read_parquet(f) for f in sorted(log.glob("inference-*.parquet"))])
+    assert len(rows) == 100 and set(rows["request_id"]) == request_ids
+    assert set(rows["model_name"]) == {"cifar10-tiny"} and set(rows["model_version"]) == {"1"}
+    assert (rows["latency_ms"] > 0).all() and rows["image"].isna().all()
+
+    result = run_monitor(MonitorConfig(source=str(log), model_uri=tiny_server.model_uri,
+                                       experiment_name="tiny-server"))  # fmt: skip
+    run = mlflow.get_run(result.run_id)
+    assert not result.drift and run.data.tags["verdict"] == "no drift"
+    assert run.data.tags["source_kind"] == "the inference log"
+    assert run.data.tags["logged_by"] == "cifar10-tiny:1"
+    assert run.data.metrics["window_images"] == 100
+
+
+def test_monitor_tells_held_out_images_from_darkened_ones(
+    tiny_tracking, held_out, tmp_path, capsys
+):
+    tiny_server = tiny_tracking
+    same = run_monitor(MonitorConfig(source=str(write_pngs(tmp_path / "same", held_out)),
+                                     model_uri=tiny_server.model_uri,
+                                     experiment_name="tiny-server"))  # fmt: skip
+    assert not same.drift
+    darker = write_pngs(tmp_path / "darker", (held_out * 0.6).astype(np.uint8))
+    shifted = run_monitor(MonitorConfig(source=str(darker), model_uri=tiny_server.model_uri,
+                                        experiment_name="tiny-server"))  # fmt: skip
+    said = capsys.readouterr().out
+    assert shifted.drift and min(shifted.p_values, key=shifted.p_values.get).startswith("mean_")
+    assert "monitor found drift" in said and "brightness" in said and "-e main" in said
+    run = mlflow.get_run(shifted.run_id)
+    assert run.data.tags["verdict"] == "drift" and run.data.metrics["drift"] == 1
+    assert run.data.metrics["p_value_mean_r"] < 1e-6
+    assert {"p_value_confidence", "p_value_class_shares", "share_cat"} <= set(run.data.metrics)
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(shifted.run_id)}
+    assert {"drift.png", "drift_report.json"} <= artifacts
+
+
+def test_fail_on_drift_fails_the_scheduled_job_in_one_line(tiny_server, held_out, tmp_path):
+    darker = write_pngs(tmp_path / "darker", (held_out * 0.6).astype(np.uint8))
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "monitor", "--source", str(darker),
+         "--model-uri", tiny_server.model_uri, "--fail-on-drift", "true",
+         "--experiment-name", "tiny-server"],
+        env=os.environ | {"MLFLOW_TRACKING_URI": tiny_server.tracking_uri},
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "exiting non-zero as fail_on_drift asked" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "monitor found drift" in done.stdout
+
+
+def test_a_source_with_nothing_to_compare_is_one_clear_error(tiny_tracking, tmp_path):
+    from pipeline.data.inputs import InputError
+
+    tiny_server = tiny_tracking
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no files"):
+        run_monitor(MonitorConfig(source=str(tmp_path / "empty"),
+                                  model_uri=tiny_server.model_uri))  # fmt: skip
