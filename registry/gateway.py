@@ -91,7 +91,11 @@ MAX_MESSAGE_CHARS = 300
 # An answer whose top class has less than this probability counts as low-confidence on /metrics.
 LOW_CONFIDENCE = 0.5
 CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
-DISCARD_AT_MOST = 8  # times the body cap: beyond that, a refused body closes the connection
+# A refused body is read on and dropped after its answer ("lingering close", as nginx does), so a
+# client that sends the whole body before it reads gets the answer, not a reset: for at most this
+# long and this many times the body cap.
+LINGER_SECONDS = 1.0
+LINGER_AT_MOST = 8
 # What an answer must never show: traces, source locations, object reprs, absolute paths.
 LEAKS = re.compile(r'Traceback|File "|\.py\b|site-packages|object at 0x|(?:/[\w.-]+){2,}')
 # MLflow wraps a model's error as "Failed to predict data '<the whole DataFrame>'. \nError: <it>"
@@ -166,11 +170,11 @@ def body_route(path: str) -> str | None:
 
 class Rejected(Exception):
     """A request refused by the layer: its status, a reason label for the metrics, a message, and
-    whether to close the connection instead of letting the server discard the rest of the body."""
+    whether the client may still be sending a body the answer should linger for."""
 
-    def __init__(self, status: int, reason: str, message: str, close: bool = False) -> None:
+    def __init__(self, status: int, reason: str, message: str, linger: bool = False) -> None:
         super().__init__(message)
-        self.status, self.reason, self.message, self.close = status, reason, message, close
+        self.status, self.reason, self.message, self.linger = status, reason, message, linger
 
 
 class ServerMetrics:
@@ -404,6 +408,10 @@ class Observed(HttpGuard):
     answers a `Rejected` as one JSON line, and turns anything unexpected into a 500 whose trace goes
     to the log under the request id."""
 
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, linger_bytes: int) -> None:
+        super().__init__(app, metrics)
+        self.linger_bytes = linger_bytes
+
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = uuid.uuid4().hex[:16]
         scope.setdefault("state", {})["request_id"] = request_id
@@ -424,12 +432,16 @@ class Observed(HttpGuard):
         except Rejected as refusal:
             self.metrics.rejected.labels(refusal.reason).inc()
             headers = {"www-authenticate": "Bearer"} if refusal.status == 401 else {}
-            if refusal.close:
+            if refusal.linger:
                 headers["connection"] = "close"
             body = error_body(refusal.status, refusal.message, request_id)
             if protocol:
                 body = {"error": refusal.message}
-            await JSONResponse(body, refusal.status, headers)(scope, receive, send_with_id)
+            response = JSONResponse(body, refusal.status, headers)
+            if refusal.linger:
+                await answer_then_linger(response, receive, send_with_id, self.linger_bytes)
+            else:
+                await response(scope, receive, send_with_id)
         except Exception:
             logger.exception("request %s failed", request_id)
             if not status:
@@ -522,17 +534,14 @@ class RequestBody(HttpGuard):
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            # Answered at once. uvicorn then discards what the client still sends, without keeping
-            # it, so an ordinary client (one that sends the whole body before reading) sees the 413
-            # instead of a reset connection; a body that would take that long is cut off instead.
-            close = int(declared) > DISCARD_AT_MOST * limit
-            raise Rejected(413, "body_too_large", too_large(int(declared), limit), close)
+            # Answered at once, without reading the body; Observed then lingers for the rest.
+            raise Rejected(413, "body_too_large", too_large(int(declared), limit), linger=True)
         chunks, size = [], 0
         try:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise Rejected(413, "body_too_large", too_large(size, limit))
+                    raise Rejected(413, "body_too_large", too_large(size, limit), linger=True)
                 chunks.append(chunk)
         except ClientDisconnect:
             raise Rejected(
@@ -731,7 +740,31 @@ def build_gateway(
     app = RequestBody(app, metrics, settings)
     app = MetricsRoute(app, metrics)
     app = BearerToken(app, metrics, settings.token)
-    return Observed(app, metrics)
+    return Observed(app, metrics, LINGER_AT_MOST * settings.max_body_bytes)
+
+
+async def answer_then_linger(
+    response: Response, receive: Receive, send: Send, at_most: int
+) -> None:
+    """Send the whole answer, then read and drop what the client still sends (at most `at_most`
+    bytes, for at most LINGER_SECONDS) before the connection closes. A client that sends its whole
+    body before reading (urllib, `Connection: close`) thus gets the answer rather than a reset,
+    one that reads while sending (requests, a slow sender) has it at once, and nothing is kept."""
+    await send(
+        {"type": "http.response.start", "status": response.status_code,
+         "headers": response.raw_headers}
+    )  # fmt: skip
+    await send({"type": "http.response.body", "body": response.body, "more_body": True})
+    dropped = 0
+    with anyio.move_on_after(LINGER_SECONDS):
+        while dropped <= at_most:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            dropped += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def too_large(size: int, limit: int) -> str:

@@ -128,4 +128,9 @@ def test_the_body_cap_counts_a_chunked_body_as_it_arrives():
     scope = {"type": "http", "method": "POST", "path": "/invocations",
              "headers": [(b"content-type", b"application/json")]}  # fmt: skip
     asyncio.run(gateway(answering(200, b"{}"), max_body_bytes=500)(scope, receive, send))
-    assert sent[0]["status"] == 413 and chunks == [b'"]}']
+    assert sent[0]["status"] == 413 and b"limit of 500" in sent[1]["body"]
+    assert (
+        sent[1]["more_body"]
+        and chunks == []
+        and sent[2] == {"type": "http.response.body", "body": b"", "more_body": False}
+    )  # the answer first, then the rest of the body read and dropped, then the end

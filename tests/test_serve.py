@@ -2,6 +2,7 @@
 bad and hostile requests; plain `mlflow models serve` for a folder-trained model."""
 
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -231,6 +232,74 @@ def test_a_body_over_the_cap_is_413_whether_its_length_is_declared_or_not(server
     chunks = (big[i : i + 2**20] for i in range(0, len(big), 2**20))
     chunked = requests.post(f"{base}/invocations", data=chunks, headers=headers, timeout=60)
     assert chunked.status_code == 413
+    assert post(f"{base}/invocations", one_image_request())[0] == 200
+
+
+def send_slowly(base: str, size: int) -> tuple[bytes, float]:
+    """A client that declares `size` bytes, sends 64 KiB every 50 ms and reads as it sends."""
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        head = (f"POST /invocations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n")  # fmt: skip
+        connection.sendall(head.encode())
+        started = time.perf_counter()
+        connection.setblocking(False)
+        answer = b""
+        while b"}" not in answer and time.perf_counter() - started < 5:
+            with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
+                connection.send(b"A" * 65536)
+            with contextlib.suppress(BlockingIOError):
+                answer += connection.recv(65536)
+            time.sleep(0.05)
+        return answer, time.perf_counter() - started
+
+
+@pytest.mark.parametrize("client", ["urllib", "chunked", "slow"])
+def test_every_kind_of_client_reads_its_413_within_a_second(server, client):
+    """urllib sends `Connection: close` and its whole body before it reads: the server answers,
+    then reads on and drops the rest (lingering close) instead of resetting the connection."""
+    base, _, _ = server
+    size = 17 * 2**20
+    started = time.perf_counter()
+    if client == "urllib":
+        request = urllib.request.Request(
+            f"{base}/invocations", b"A" * size,
+            AUTHORIZED | {"Content-Type": "application/json", "Connection": "close"},
+        )  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        status, answer = refused.value.code, json.loads(refused.value.read())
+    elif client == "chunked":
+        chunks = (b"A" * 2**20 for _ in range(17))
+        response = requests.post(f"{base}/invocations", data=chunks, timeout=10,
+                                 headers=AUTHORIZED | {"Content-Type": "application/json"})  # fmt: skip
+        status, answer = response.status_code, response.json()
+    else:
+        raw, _ = send_slowly(base, size)
+        status = int(raw.split(b" ", 2)[1])
+        answer = json.loads(raw.split(b"\r\n\r\n", 1)[1])
+    assert time.perf_counter() - started < 1.5
+    assert status == 413 and "limit of 16,777,216" in answer["message"]
+
+
+def test_a_refused_body_does_not_grow_the_server(server):
+    import psutil
+
+    base, _, _ = server
+    port = int(base.rsplit(":", 1)[1])
+    listening = next(c.pid for c in psutil.net_connections("tcp")
+                     if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN)  # fmt: skip
+    workers = [psutil.Process(listening)]
+    before = sum(w.memory_info().rss for w in workers)
+    for _ in range(3):
+        request = urllib.request.Request(
+            f"{base}/invocations", b"A" * (100 * 2**20),
+            AUTHORIZED | {"Content-Type": "application/json"},
+        )  # fmt: skip
+        with pytest.raises((urllib.error.HTTPError, ConnectionError)):
+            urllib.request.urlopen(request, timeout=30)
+    grown = sum(w.memory_info().rss for w in workers) - before
+    assert grown < 30 * 2**20, f"the server grew by {grown / 2**20:.0f} MiB"
     assert post(f"{base}/invocations", one_image_request())[0] == 200
 
 
