@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import dataclasses
 import ipaddress
@@ -333,12 +332,13 @@ def app_from_environment():
     classifier = model.unwrap_python_model()
     if (drift := getattr(classifier, "drift", None)) is not None:
         metrics.watch_drift(drift)
+    log = None
     if settings["inference_log"]:
-        start_inference_log(classifier, settings["inference_log"], card, metrics)
+        log = start_inference_log(classifier, settings["inference_log"], card, metrics)
     served = ServedModel(
         model, card["name"], card["version"], card["class_names"], card, settings["timeout_s"]
     )
-    return build_gateway(
+    app = build_gateway(
         scoring_server.init(model),
         GatewaySettings(
             max_body_bytes=settings["max_body_bytes"],
@@ -348,10 +348,32 @@ def app_from_environment():
         metrics,
         served,
     )
+    return app if log is None else closing_at_shutdown(app, log.close)
 
 
-def start_inference_log(classifier, settings: dict, card: dict, metrics) -> None:
-    """Attach the inference log to the loaded classifier; what is queued is written at exit."""
+def closing_at_shutdown(app, close):
+    """`app`, calling `close` (on a thread) when the server shuts down: uvicorn re-raises SIGTERM
+    once it has stopped, so atexit handlers never run, but the lifespan shutdown does."""
+    import anyio
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "lifespan":
+            return await app(scope, receive, send)
+
+        async def receive_noting_shutdown():
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await anyio.to_thread.run_sync(close)
+            return message
+
+        return await app(scope, receive_noting_shutdown, send)
+
+    return wrapped
+
+
+def start_inference_log(classifier, settings: dict, card: dict, metrics):
+    """The inference log, attached to the loaded classifier (None for a model logged before the
+    classifier had observers)."""
     from registry.gateway import REQUEST_ID
     from registry.inference_log import InferenceLog, InferenceLogSettings
 
@@ -360,7 +382,7 @@ def start_inference_log(classifier, settings: dict, card: dict, metrics) -> None
             "inference log off: this model was logged before the log existed; train it again "
             "(mlflow run . -e train) to log its answers."
         )
-        return
+        return None
     log = InferenceLog(
         InferenceLogSettings(**settings),
         card["name"],
@@ -369,7 +391,7 @@ def start_inference_log(classifier, settings: dict, card: dict, metrics) -> None
         metrics.inference_log,
     )
     classifier.observers.append(log.observe)
-    atexit.register(log.close)
+    return log
 
 
 def wait_until_serving(base_url: str, process: subprocess.Popen, timeout: float = 120) -> None:

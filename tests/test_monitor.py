@@ -67,7 +67,7 @@ def test_the_server_logs_every_answer_and_monitor_finds_no_drift_in_it(
     process = subprocess.Popen(
         [sys.executable, "-m", *hardened_command(
             "models:/cifar10-tiny@champion", port, "--inference-log", str(log),
-            "--log-rotate-rows", "25", "--log-rotate-s", "1")],
+            "--log-rotate-rows", "25", "--log-rotate-s", "600")],
         env=os.environ | {"MLFLOW_TRACKING_URI": tiny_server.tracking_uri,
                           TOKEN_ENV: tiny_server.token},
         stdout=(tmp_path / "server.log").open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
@@ -96,11 +96,15 @@ def test_the_server_logs_every_answer_and_monitor_finds_no_drift_in_it(
             )
         ).read()
         assert b"cifar10_inference_log_rows_total 100.0" in metrics
+        pictures = [base64.b64encode(encode_png(i)).decode() for i in held_out[100:103]]
+        body = {"dataframe_split": {"columns": ["image"], "data": [[p] for p in pictures]}}
+        request_ids.add(post(base + "/invocations", tiny_server.token, body)[1])
     finally:
         process.terminate()
         process.wait(timeout=30)
     rows = pd.concat([pd.read_parquet(f) for f in sorted(log.glob("inference-*.parquet"))])
-    assert len(rows) == 100 and set(rows["request_id"]) == request_ids
+    # 4 files of 25 rows, and the last 3 rows written when the server stopped
+    assert len(rows) == 103 and set(rows["request_id"]) == request_ids
     assert set(rows["model_name"]) == {"cifar10-tiny"} and set(rows["model_version"]) == {"1"}
     assert (rows["latency_ms"] > 0).all() and rows["image"].isna().all()
 
@@ -110,7 +114,7 @@ def test_the_server_logs_every_answer_and_monitor_finds_no_drift_in_it(
     assert not result.drift and run.data.tags["verdict"] == "no drift"
     assert run.data.tags["source_kind"] == "the inference log"
     assert run.data.tags["logged_by"] == "cifar10-tiny:1"
-    assert run.data.metrics["window_images"] == 100
+    assert run.data.metrics["window_images"] == 103
 
 
 def test_monitor_tells_held_out_images_from_darkened_ones(
