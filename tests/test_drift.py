@@ -69,3 +69,28 @@ def test_the_reference_round_trips_and_refuses_other_statistics(tmp_path, real_i
     np.savez(tmp_path / "old.npz", features=reference.features[:, :3], names=np.array(FEATURES[:3]))
     with pytest.raises(ValueError, match="log the model again"):
         Reference.load(tmp_path / "old.npz")
+
+
+def test_the_models_confidence_catches_what_the_pixels_cannot(real_images, tmp_path):
+    """Rotated images keep every pixel statistic; a model that is less sure of them does not."""
+    rng = np.random.default_rng(0)
+    sure = np.full((400, 10), 0.02)
+    sure[np.arange(400), rng.integers(0, 10, 400)] = 0.82
+    sure[:, 0] += rng.uniform(0, 0.1, 400)  # a spread of top-class probabilities
+    reference = Reference.from_images(real_images[:700], 700, probabilities=sure)
+    assert reference.statistics[-1] == "confidence" and reference.class_shares.sum() == 1
+    rotated = image_features(np.rot90(real_images[700:900], axes=(1, 2)))
+    unsure = rng.uniform(0.3, 0.6, 200)
+    pixels_only = drift_test(reference, rotated)
+    with_outputs = drift_test(reference, rotated, confidence=unsure)
+    assert not pixels_only.drift and "confidence" not in pixels_only.p_values
+    assert with_outputs.drift and with_outputs.p_values["confidence"] < 1e-6
+    window = DriftWindow(reference, size=100)
+    window.add(rotated[:100], unsure[:100])
+    assert window.test().drift
+    reference.save(tmp_path / "reference.npz")
+    loaded = Reference.load(tmp_path / "reference.npz")
+    assert loaded.digest == reference.digest
+    np.testing.assert_array_equal(loaded.confidence, reference.confidence)
+    np.savez(tmp_path / "older.npz", features=reference.features, names=np.array(FEATURES))
+    assert Reference.load(tmp_path / "older.npz").confidence is None  # pixels only, as logged
