@@ -219,7 +219,7 @@ def dispatch(args: argparse.Namespace) -> None:
     make_config, target = STAGES[args.stage]
     check_torch_pair()
     config = make_config(given_options(args))
-    if args.stage != "serve":
+    if args.stage not in ("serve", "repair_store"):  # serve reads the store; repair_store mends it
         from pipeline.tracking.runs import prepare_tracking_store
 
         prepare_tracking_store()

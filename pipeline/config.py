@@ -483,6 +483,21 @@ class MonitorConfig:
             raise ConfigError(f"batch_size must be between 1 and 1024, got {self.batch_size}.")
 
 
+@dataclass
+class RepairStoreConfig:
+    """Every stage repairs a half-migrated SQLite store on its own; this checks one on demand."""
+
+    ENTRY: ClassVar[EntryPoint] = EntryPoint(
+        "repair_store",
+        "pipeline.tracking.store_repair:run_repair_store",
+        "find and repair an embedded SQLite tracking store left half-migrated (backed up first)",
+    )
+
+    tracking_uri: str = option(
+        "", "the store to check, sqlite:///<file> (default: MLFLOW_TRACKING_URI, else ./mlflow.db)"
+    )
+
+
 def entry_point_configs() -> dict[str, type]:
     """Every config class that declares an entry point, by command name, in the order above."""
     return {

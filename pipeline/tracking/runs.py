@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -63,9 +64,16 @@ def first_use_lock(uri: str) -> Iterator[None]:
 
 
 def prepare_tracking_store() -> None:
-    """Create or migrate the tracking store now, under `first_use_lock` when it is SQLite."""
+    """Create or migrate the tracking store now, under `first_use_lock` when it is SQLite, after
+    repairing a SQLite store an earlier first use left half-migrated."""
+    from pipeline.tracking.store_repair import repair_sqlite_store
+
     uri = mlflow.get_tracking_uri()
     with first_use_lock(uri):
+        if (path := sqlite_path(uri)) is not None:
+            repair = repair_sqlite_store(path)
+            if repair.leftovers:
+                print(f"tracking store: {repair.summary()}", file=sys.stderr, flush=True)
         mlflow.MlflowClient(uri).search_experiments(max_results=1)
 
 

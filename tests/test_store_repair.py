@@ -1,0 +1,111 @@
+"""A tracking store left half-migrated by MLflow's own concurrent first use (reproduced with real
+processes), repaired by the first stage that opens it with every run still there; what cannot be
+repaired safely is refused with the manual fix and left untouched."""
+
+import hashlib
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipeline.tracking.store_repair import LEFTOVER_PREFIX, leftover_tables
+
+ROOT = Path(__file__).resolve().parents[1]
+OPEN_STORE = "import sys, mlflow; mlflow.MlflowClient(sys.argv[1]).search_experiments()"
+
+
+def plain_clients(uri: str, count: int) -> list[int]:
+    """`count` MLflow clients (no lock of ours) opening the store at once; their exit codes."""
+    processes = [
+        subprocess.Popen([sys.executable, "-c", OPEN_STORE, uri],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(count)
+    ]  # fmt: skip
+    return [p.wait(timeout=300) for p in processes]
+
+
+@pytest.fixture(scope="module")
+def broken_store(tmp_path_factory) -> Path:
+    """A fresh file opened by three clients at once, round after round, until a round leaves it
+    with a leftover `_alembic_tmp_*` table and a fourth client cannot open it (about every second
+    round here)."""
+    root = tmp_path_factory.mktemp("half-migrated")
+    for attempt in range(20):
+        path = root / f"attempt-{attempt}.db"
+        plain_clients(f"sqlite:///{path}", 3)
+        with sqlite3.connect(path) as connection:
+            left = leftover_tables(connection)
+        if left and plain_clients(f"sqlite:///{path}", 1) != [0]:
+            return path
+    pytest.fail("20 rounds of three concurrent first uses never left the store half-migrated")
+
+
+def with_a_run(store: Path, tmp_path: Path) -> Path:
+    """A copy of the broken store holding one run (written with SQL: MLflow cannot open it)."""
+    copy = tmp_path / "mlflow.db"
+    copy.write_bytes(store.read_bytes())
+    with sqlite3.connect(copy) as connection:
+        connection.execute(
+            "INSERT INTO experiments (experiment_id, name, artifact_location, lifecycle_stage, "
+            "creation_time, last_update_time) VALUES (7, 'kept', ?, 'active', 1, 1)",
+            (str(tmp_path / "artifacts"),),
+        )
+        connection.execute(
+            "INSERT INTO runs (run_uuid, name, source_type, user_id, status, start_time, "
+            "lifecycle_stage, artifact_uri, experiment_id) VALUES ('0123abcd', 'kept-run', 'LOCAL', "
+            "'me', 'FINISHED', 1, 'active', ?, 7)",
+            (str(tmp_path / "artifacts" / "0123abcd"),),
+        )
+    return copy
+
+
+def cli(*args: str, cwd: Path, uri: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_EXPERIMENT")}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        env=env | {"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)},
+        cwd=cwd, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_the_first_stage_on_a_half_migrated_store_repairs_it_and_keeps_every_run(
+    broken_store, tmp_path
+):
+    store = with_a_run(broken_store, tmp_path)
+    uri = f"sqlite:///{store}"
+    done = cli("promote", cwd=tmp_path, uri=uri)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "was left half-migrated (leftover _alembic_tmp_" in done.stderr
+    assert "1 run(s) kept" in done.stderr
+    client = mlflow.MlflowClient(uri)
+    assert client.get_run("0123abcd").info.run_name == "kept-run"
+    assert client.get_experiment_by_name("kept").experiment_id == "7"
+    with sqlite3.connect(store) as connection:
+        assert leftover_tables(connection) == []
+    backups = list(tmp_path.glob("mlflow.db.before-repair-*"))
+    assert len(backups) == 1
+    with sqlite3.connect(backups[0]) as connection:
+        assert leftover_tables(connection)  # the file as it was found
+    checked = cli("repair_store", cwd=tmp_path, uri=uri)
+    assert checked.returncode == 0 and "no half-finished migration found" in checked.stdout
+
+
+def test_a_leftover_that_may_hold_the_only_copy_of_rows_is_refused_untouched(
+    broken_store, tmp_path
+):
+    store = with_a_run(broken_store, tmp_path)
+    with sqlite3.connect(store) as connection:
+        leftover = leftover_tables(connection)[0]
+        connection.execute("PRAGMA foreign_keys = OFF")
+        connection.execute(f'DROP TABLE "{leftover.removeprefix(LEFTOVER_PREFIX)}"')
+    before = hashlib.sha256(store.read_bytes()).hexdigest()
+    done = cli("repair_store", "--tracking-uri", f"sqlite:///{store}", cwd=tmp_path, uri="")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert (
+        f"ALTER TABLE {leftover} RENAME TO" in done.stderr and "Nothing was changed" in done.stderr
+    )
+    assert hashlib.sha256(store.read_bytes()).hexdigest() == before
