@@ -179,10 +179,25 @@ class TrainConfig:
     resume_run_id: str | None = option(
         None, "continue this killed or failed train run where it stopped"
     )
+    nproc_per_node: int = option(
+        1, "processes on this machine (torch.distributed: one per GPU, or CPU processes)"
+    )
+    nnodes: int = option(1, "machines in the job (each runs the same command)")
+    node_rank: int = option(0, "this machine's place among nnodes (0 hosts the rendezvous)")
+    rdzv_endpoint: str = option(
+        "127.0.0.1:29400", "host:port of the rendezvous (machine 0), the same on every machine"
+    )
+    collective_timeout_s: float = option(
+        300.0, "a process that waits this long for its peers gives up (a peer died)"
+    )
     experiment_name: str | None = option(None, EXPERIMENT_NAME_HELP)
     config: str | None = option(
         None, "a YAML file of train parameters (e.g. tune's best_config.yaml) over the model's"
     )
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
 
     def __post_init__(self) -> None:
         check_fraction("val_fraction", self.val_fraction)
@@ -200,6 +215,18 @@ class TrainConfig:
             )
         if self.bias_lr_factor <= 0:
             raise ConfigError(f"bias_lr_factor must be positive, got {self.bias_lr_factor}.")
+        if self.nproc_per_node < 1 or self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(
+                f"nproc_per_node and nnodes must be at least 1 and node_rank in 0..nnodes-1, got "
+                f"{self.nproc_per_node}, {self.nnodes} and {self.node_rank}."
+            )
+        if self.world_size > 1 and self.batch_size % self.world_size:
+            raise ConfigError(
+                f"batch_size {self.batch_size} does not divide among {self.world_size} processes "
+                f"(nproc_per_node x nnodes); use a multiple of {self.world_size}, e.g. "
+                f"{self.batch_size - self.batch_size % self.world_size or self.world_size}: it is "
+                "the global batch, split evenly."
+            )
         choices = {
             "optimizer": ("adamw", "sgd"),
             "schedule": ("onecycle", "cosine", "constant"),
@@ -395,6 +422,9 @@ class ServeConfig:
     max_body_mb: float = option(16.0, "largest request body accepted")
     max_json_depth: int = option(32, "deepest JSON nesting accepted")
     timeout_s: int = option(60, "seconds a request may take")
+    max_inflight: int = option(
+        64, "scoring requests a worker answers at once; more get 503 with Retry-After"
+    )
     max_batch_images: int = option(
         MICRO_BATCH_DEFAULTS["max_batch_images"],
         "micro-batching: most images in one forward pass (1 = off)",
@@ -422,6 +452,7 @@ class ServeConfig:
             "workers",
             "max_json_depth",
             "timeout_s",
+            "max_inflight",
             "max_batch_images",
             "log_rotate_rows",
         ):

@@ -1,26 +1,42 @@
-"""The `train` stage: one tracked MLflow run around `fit()`, ending with a logged, servable model."""
+"""The `train` stage: one tracked MLflow run around `fit()`, ending with a logged, servable model.
+
+With nproc_per_node x nnodes > 1 the stage launches itself under torch.distributed
+(pipeline/tracking/launch.py): `python -m pipeline.train` is what each process runs.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import mlflow
 
 from pipeline.config import TrainConfig
 from pipeline.data.sources import has_test_set
-from pipeline.tracking.resume import resumable_config
+from pipeline.errors import PipelineError
+from pipeline.tracking.launch import JOB_ENV, JOB_TAG, RECIPE_ENV, launch_training
+from pipeline.tracking.resume import has_logged_config, load_resume_checkpoint, resumable_config
 from pipeline.tracking.runs import describe_run, print_summary
 from pipeline.tracking.training_run import TrainResult, discard_stray_run, training_run
+from pipeline.training.distributed import current_worker
 from pipeline.training.loop import (
     CHANCE_P_VALUE,
     EpochCallback,
     FitState,
     WatchdogFinding,
     above_chance_p_value,
+    fit,
 )
-from pipeline.training.prepare import Prepared
+from pipeline.training.prepare import Prepared, prepare_training
 from pipeline.training.progress import EpochProgress, announce_training, format_duration
+
+LAUNCH_FIELDS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "collective_timeout_s")
 
 
 def training_verdict(state: FitState, prepared: Prepared) -> str:
@@ -38,11 +54,39 @@ def training_verdict(state: FitState, prepared: Prepared) -> str:
 
 
 def run_train(recipe: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> TrainResult:
-    """The `train` entry point: one tracked run, ending with a logged, servable `model`."""
+    """The `train` entry point: one tracked run, ending with a logged, servable `model`. A resumed
+    run continues with its own config, on as many processes as this command asks for."""
     if recipe.resume_run_id:
         discard_stray_run(recipe.resume_run_id)
-        recipe = resumable_config(recipe.resume_run_id)
+        layout = {name: getattr(recipe, name) for name in LAUNCH_FIELDS}
+        recipe = dataclasses.replace(resumable_config(recipe.resume_run_id), **layout)
+    if recipe.world_size > 1:
+        return launch_training(recipe)
+    return train_here(recipe, callbacks)
+
+
+def follow(recipe: TrainConfig) -> TrainResult:
+    """A process of a distributed job other than rank 0: the same preparation and `fit()` (its
+    collectives keep it in step), a resumed run's checkpoint read, nothing logged or printed."""
+    prepared = prepare_training(recipe)
+    resume_from = None
+    if recipe.resume_run_id and has_logged_config(recipe.resume_run_id):
+        with tempfile.TemporaryDirectory() as scratch:
+            resume_from = load_resume_checkpoint(recipe.resume_run_id, Path(scratch))[0]
+    state = fit(prepared.model, recipe.model, prepared.train_batches, prepared.val_batches,
+                prepared.config, resume_from=resume_from)  # fmt: skip
+    return TrainResult("", None, state.best_val_accuracy, state.best_epoch + 1, state.next_epoch)
+
+
+def train_here(recipe: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> TrainResult:
+    """This process's part: the whole run alone, or as rank 0 of a job; a follower otherwise."""
+    worker = current_worker()
+    if worker is not None and not worker.leads:
+        return follow(recipe)
     with training_run(recipe) as run:
+        if worker is not None:
+            mlflow.set_tags({JOB_TAG: os.environ.get(JOB_ENV, ""),
+                             "distributed.world_size": worker.world_size})  # fmt: skip
         prepared = run.prepare()
         announce_training(prepared, recipe, run.first_epoch)
         progress = EpochProgress(prepared.config.epochs, run.first_epoch)
@@ -86,3 +130,18 @@ def run_train(recipe: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> T
             verdict=verdict,
         )
     return result
+
+
+def run_worker() -> None:
+    """What each process of a distributed job runs (`python -m pipeline.train`): the recipe the
+    launcher resolved, from the environment. A problem is one line, as from the CLI."""
+    recipe = TrainConfig(**json.loads(os.environ[RECIPE_ENV]))
+    try:
+        train_here(recipe)
+    except PipelineError as error:
+        print(f"error (rank {os.environ.get('RANK', '?')}): {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_worker()

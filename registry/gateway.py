@@ -45,6 +45,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -95,6 +96,7 @@ CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 # client that sends the whole body before it reads gets the answer, not a reset: for at most this
 # long and this many times the body cap.
 LINGER_SECONDS = 1.0
+RETRY_AFTER_S = 1  # what an overloaded server asks a refused client to wait
 LINGER_AT_MOST = 8
 # What an answer must never show: traces, source locations, object reprs, absolute paths.
 LEAKS = re.compile(r'Traceback|File "|\.py\b|site-packages|object at 0x|(?:/[\w.-]+){2,}')
@@ -114,6 +116,7 @@ ERROR_CODES = {
     415: "UNSUPPORTED_MEDIA_TYPE",
     422: "BAD_REQUEST",
     500: "INTERNAL_ERROR",
+    503: "UNAVAILABLE",
     504: "TIMEOUT",
 }
 
@@ -123,6 +126,7 @@ class GatewaySettings:
     max_body_bytes: int = 16 * 2**20
     max_json_depth: int = 32
     token: str | None = None
+    max_inflight: int = 64
 
 
 @dataclass
@@ -224,6 +228,12 @@ class ServerMetrics:
             "cifar10_low_confidence_predictions",
             f"Answered images whose predicted class has a probability below {LOW_CONFIDENCE}",
             registry=own,
+        )
+        self.inflight = Gauge(
+            "cifar10_inflight_requests",
+            "Scoring requests being answered now",
+            registry=own,
+            multiprocess_mode="livesum",
         )
         self.inference_log = LogCounters(
             Counter(
@@ -432,6 +442,8 @@ class Observed(HttpGuard):
         except Rejected as refusal:
             self.metrics.rejected.labels(refusal.reason).inc()
             headers = {"www-authenticate": "Bearer"} if refusal.status == 401 else {}
+            if refusal.status == 503:
+                headers["retry-after"] = str(RETRY_AFTER_S)
             if refusal.linger:
                 headers["connection"] = "close"
             body = error_body(refusal.status, refusal.message, request_id)
@@ -548,6 +560,33 @@ class RequestBody(HttpGuard):
                 400, "client_gone", "the client closed the connection mid-body."
             ) from None
         return b"".join(chunks)
+
+
+class LoadLimit(HttpGuard):
+    """At most `max_inflight` scoring requests in this worker at once (their bodies read and
+    checked); one more is refused at once with 503 and `Retry-After`, so that over its capacity the
+    server answers fast refusals instead of growing a queue that ends in timeouts."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, max_inflight: int) -> None:
+        super().__init__(app, metrics)
+        self.max_inflight, self.inflight = max_inflight, 0
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "POST" or body_route(scope["path"]) is None:
+            await self.app(scope, receive, send)
+            return
+        if self.inflight >= self.max_inflight:
+            raise Rejected(
+                503, "overloaded", f"the server is scoring {self.inflight} requests, its limit; "
+                f"retry in {RETRY_AFTER_S} s (Retry-After), or add replicas."
+            )  # fmt: skip
+        self.inflight += 1  # one event loop per worker: no lock needed
+        self.metrics.inflight.inc()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.inflight -= 1
+            self.metrics.inflight.dec()
 
 
 class CleanErrors(HttpGuard):
@@ -737,6 +776,7 @@ def build_gateway(
     app = CleanErrors(inner, metrics)
     if served is not None:
         app = ModelRoutes(app, metrics, served)
+    app = LoadLimit(app, metrics, settings.max_inflight)
     app = RequestBody(app, metrics, settings)
     app = MetricsRoute(app, metrics)
     app = BearerToken(app, metrics, settings.token)

@@ -141,6 +141,7 @@ def run_serve(config: ServeConfig) -> None:
             "timeout_s": config.timeout_s,
             "max_body_bytes": int(config.max_body_mb * 2**20),
             "max_json_depth": config.max_json_depth,
+            "max_inflight": config.max_inflight,
             "model_config": {
                 "max_batch_images": config.max_batch_images,
                 "batch_wait_ms": config.batch_wait_ms,
@@ -343,6 +344,7 @@ def app_from_environment():
         GatewaySettings(
             max_body_bytes=settings["max_body_bytes"],
             max_json_depth=settings["max_json_depth"],
+            max_inflight=settings["max_inflight"],
             token=os.environ.get(TOKEN_ENV) or None,
         ),
         metrics,

@@ -67,7 +67,10 @@ class DeviceBatches:
     """Iterates (images, labels) batches of a split held on `device`.
 
     `train=True` shuffles, augments and drops the last incomplete batch; otherwise batches come in
-    order, unaugmented, and every image is seen once.
+    order, unaugmented, and every image is seen once. With `shard=(rank, world_size)` a training
+    split yields this process's share of each global batch (every `world_size`-th image of it,
+    shuffled and augmented exactly as one process would), so that `world_size` processes together
+    see what one process sees.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class DeviceBatches:
         augmentation: Augmentation = NO_AUGMENTATION,
         seed: int = 0,
         channels_last: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.device = torch.device(device)
         nchw = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
@@ -98,6 +102,7 @@ class DeviceBatches:
         pad = self.augmentation.crop_padding
         self.padded = torch.nn.functional.pad(self.images, (pad, pad, pad, pad)) if pad else None
         self.drop_last = train and len(self.labels) >= batch_size
+        self.shard = shard if train else (0, 1)
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -105,7 +110,9 @@ class DeviceBatches:
 
     @property
     def num_images(self) -> int:
-        return len(self) * self.batch_size if self.drop_last else len(self.labels)
+        """Images one epoch yields to this process."""
+        total = len(self) * self.batch_size if self.drop_last else len(self.labels)
+        return total // self.shard[1]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -118,9 +125,11 @@ class DeviceBatches:
             order = torch.randperm(n, generator=generator, device=self.device)
         else:
             order = torch.arange(n, device=self.device)
+        rank, world = self.shard
         for step in range(len(self)):
             index = order[step * self.batch_size : (step + 1) * self.batch_size]
-            yield self.augment(index, generator), self.labels[index]
+            batch = self.augment(index, generator)  # the whole batch: the same random draws
+            yield batch[rank::world], self.labels[index][rank::world]
 
     def augment(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         aug = self.augmentation

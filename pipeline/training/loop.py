@@ -19,11 +19,13 @@ from typing import Any
 import torch
 from scipy.stats import binomtest
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.model.architectures import class_probabilities, get_spec, is_frozen, set_frozen
+from pipeline.training import distributed
 from pipeline.training.loader import DeviceBatches, epoch_seed
 
 # Called after every epoch with (epoch, metrics, the checkpoint written this epoch or None); it may
@@ -217,6 +219,11 @@ def train_one_epoch(
             lookahead.after_step(scheduler.last_epoch)
         step_losses[step] = loss.detach()
         correct += (logits.argmax(dim=1) == labels).sum()
+    # Every process holds the same share of each global batch: the means over processes are the
+    # whole batch's, and a NaN on any process stops them all at the same step.
+    world = distributed.world_size()
+    step_losses = distributed.summed(step_losses) / world
+    correct = distributed.summed(correct)
     finite = torch.isfinite(step_losses)
     if not bool(finite.all()):
         bad_step = int((~finite).nonzero()[0])
@@ -227,7 +234,7 @@ def train_one_epoch(
         )
     return {
         "train_loss": float(step_losses.mean()),
-        "train_accuracy": float(correct) / batches.num_images,
+        "train_accuracy": float(correct) / (batches.num_images * world),
     }
 
 
@@ -395,6 +402,11 @@ def fit(
         lookahead = None
         if config.lookahead_steps:
             lookahead = Lookahead(model, config.lookahead_steps, total_steps, average)
+        if distributed.world_size() > 1:
+            # Wrapped per phase: which parameters train (freezing) is fixed when DDP wraps them;
+            # every process starts from rank 0's weights and buffers.
+            wrapped = DistributedDataParallel(model)
+            step_model = torch.compile(wrapped) if config.compile else wrapped
         for epoch in range(state.next_epoch, phase.end):
             torch.manual_seed(epoch_seed(config.seed, epoch))
             train_batches.set_epoch(epoch)
@@ -403,12 +415,17 @@ def fit(
                 step_model, train_batches, optimizer, scheduler, loss_fn, epoch, dtype, lookahead
             )
             train_seconds = time.perf_counter() - epoch_started
-            metrics |= evaluate_batches(step_model, val_batches, config.tta, dtype)
+            # Every process scores the whole validation split with the same weights: the same
+            # numbers everywhere, so the best epoch and early stopping agree without a message.
+            evaluator = model if distributed.world_size() > 1 else step_model
+            metrics |= evaluate_batches(evaluator, val_batches, config.tta, dtype)
             now = time.perf_counter()
             metrics |= {
                 "learning_rate": optimizer.param_groups[0]["lr"],
                 "epoch_seconds": now - epoch_started,
-                "images_per_second": train_batches.num_images / train_seconds,
+                "images_per_second": train_batches.num_images
+                * distributed.world_size()
+                / train_seconds,
                 "elapsed_seconds": now - started,
             }
             state.history.append(metrics)

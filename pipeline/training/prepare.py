@@ -7,10 +7,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.config import TrainConfig
+from pipeline.config import ConfigError, TrainConfig
 from pipeline.data.image_set import ImageSet
 from pipeline.data.sources import Splits, load_training_set, make_splits
 from pipeline.model.architectures import build_model, get_spec, normalize
+from pipeline.training.distributed import current_worker, join_group, worker_device
 from pipeline.training.loader import Augmentation, DeviceBatches
 from pipeline.training.loop import select_device
 from pipeline.training.recipes import scaled_to_data
@@ -31,13 +32,24 @@ def prepare_training(config: TrainConfig, data: ImageSet | None = None) -> Prepa
     """Data, splits, device-resident batches and a freshly seeded model for `config`, whose
     recipe batch size and learning rate are first scaled to the training split (`Prepared.config`).
 
-    `data` lets a caller that trains many times (tuning) load the training batches once.
+    `data` lets a caller that trains many times (tuning) load the training batches once. Under
+    torchrun the process joins its group, takes its device (its GPU) and its shard of each batch.
     """
     if data is None:
         data = load_training_set(config.data_dir, config.download, config.skip_bad_images)
     splits = make_splits(data, config.val_fraction, config.seed, config.max_train_images)
     config = scaled_to_data(config, len(splits.train))
     device = select_device()
+    shard = (0, 1)
+    if (worker := current_worker()) is not None:
+        if len(splits.train) < config.batch_size:
+            raise ConfigError(
+                f"{len(splits.train)} training images are fewer than one global batch of "
+                f"{config.batch_size}; train on one process, or on more images."
+            )
+        device = worker_device(worker, device)
+        join_group(device, config.collective_timeout_s)
+        shard = (worker.rank, worker.world_size)
     on_cuda = device.type == "cuda"
     torch.manual_seed(config.seed)
     model = build_model(
@@ -62,6 +74,7 @@ def prepare_training(config: TrainConfig, data: ImageSet | None = None) -> Prepa
         train=True,
         augmentation=augmentation,
         seed=config.seed,
+        shard=shard,
         **common,
     )
     val_batches = DeviceBatches(
