@@ -8,6 +8,7 @@ the field's declared type here and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -64,6 +65,18 @@ TTA_HELP = (
 MODEL_URI_HELP = (
     "an MLflow model URI: runs:/<run_id>/model, models:/m-<id>, models:/cifar10-resnet@champion"
 )
+
+
+DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|min)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in `90s`, `15m`, `1.5h` (a bare number is seconds)."""
+    found = DURATION.match(text)
+    if not found:
+        raise ConfigError(f"time_budget {text!r} is not a duration; write it like 90s, 15m or 1h.")
+    scale = {"h": 3600, "m": 60, "min": 60}.get(found.group(2) or "s", 1)
+    return float(found.group(1)) * scale
 
 
 def option(default: Any, help: str) -> Any:
@@ -179,6 +192,11 @@ class TrainConfig:
     resume_run_id: str | None = option(
         None, "continue this killed or failed train run where it stopped"
     )
+    time_budget: str = option(
+        "",
+        "the whole run's time (90s, 15m, 1h): a probe here sets the epochs that fit (empty: "
+        "epochs as given)",
+    )
     nproc_per_node: int = option(
         1, "processes on this machine (torch.distributed: one per GPU, or CPU processes)"
     )
@@ -215,6 +233,13 @@ class TrainConfig:
             )
         if self.bias_lr_factor <= 0:
             raise ConfigError(f"bias_lr_factor must be positive, got {self.bias_lr_factor}.")
+        if self.time_budget:
+            parse_duration(self.time_budget)
+            if self.world_size > 1:
+                raise ConfigError(
+                    "time_budget plans one process's epochs; with nproc_per_node x nnodes > 1 give "
+                    "-P epochs instead (a budget for several processes is not supported yet)."
+                )
         if self.nproc_per_node < 1 or self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
             raise ConfigError(
                 f"nproc_per_node and nnodes must be at least 1 and node_rank in 0..nnodes-1, got "

@@ -88,7 +88,7 @@ def train_here(recipe: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> 
             mlflow.set_tags({JOB_TAG: os.environ.get(JOB_ENV, ""),
                              "distributed.world_size": worker.world_size})  # fmt: skip
         prepared = run.prepare()
-        announce_training(prepared, recipe, run.first_epoch)
+        announce_training(prepared, recipe, run.first_epoch, run.plan and run.plan.description)
         progress = EpochProgress(prepared.config.epochs, run.first_epoch)
         stop = prepared.config.stop_if_not_learning
 

@@ -8,6 +8,7 @@ records what came out. `recipe` is what was asked (the model's recipe under the 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -20,7 +21,7 @@ from typing import Any
 import mlflow
 import torch
 
-from pipeline.config import TrainConfig, config_to_params, dump_yaml
+from pipeline.config import TrainConfig, config_to_params, dump_yaml, parse_duration
 from pipeline.data.image_set import ImageSet
 from pipeline.errors import Interrupted
 from pipeline.tracking.model_logging import log_classifier
@@ -41,6 +42,7 @@ from pipeline.tracking.runs import (
     source_name,
     stage_run,
 )
+from pipeline.training.budget import BudgetPlan, plan_to_budget
 from pipeline.training.loop import (
     EpochCallback,
     FitState,
@@ -97,6 +99,7 @@ class TrainingRun:
         self.logged_config = False
         self.epochs_done = 0
         self.checkpoint_epoch = 0
+        self.plan: BudgetPlan | None = None
 
     @property
     def resolved(self) -> TrainConfig:
@@ -111,6 +114,16 @@ class TrainingRun:
         loads its newest whole checkpoint (a run killed before it logged its inputs logs them
         now, as a new run would)."""
         self.prepared = prepare_training(self.recipe, data)
+        if self.recipe.time_budget and not self.resuming:  # a resumed run keeps its plan
+            self.plan = plan_to_budget(
+                self.prepared,
+                parse_duration(self.recipe.time_budget),
+                time.perf_counter() - self.started,
+                self.prepared.config.epochs,
+            )
+            self.prepared.config = dataclasses.replace(
+                self.prepared.config, epochs=self.plan.epochs
+            )
         name = mlflow.get_run(self.run_id).data.tags.get("mlflow.runName", self.run_id)
         self.logged_config = self.resuming and has_logged_config(self.run_id)
         if self.logged_config:
@@ -179,6 +192,15 @@ class TrainingRun:
         )
         if prepared.data.problems:
             log_json(prepared.data.problems, "skipped_files.json")
+        if self.plan is not None:
+            mlflow.set_tag("time_budget_plan", self.plan.description)
+            mlflow.log_metrics(
+                {
+                    "time_budget_seconds": parse_duration(recipe.time_budget),
+                    "planned_seconds": self.plan.planned_seconds,
+                    "planned_epoch_seconds": self.plan.epoch_seconds,
+                }
+            )
         log_dataset(splits.train, context="training")
         log_lineage({"train": splits.train, "val": splits.val}, given)
 

@@ -83,6 +83,8 @@ def seconds_per_image(
         for repeat in range(5):
             started = time.perf_counter()
             step()
+            if batches.device.type == "cuda":
+                torch.cuda.synchronize(batches.device)
             if repeat >= 2:
                 times.append(time.perf_counter() - started)
         return sorted(times)[1] / len(labels)
@@ -117,9 +119,11 @@ def mirror_note(config: TrainConfig, class_names: tuple[str, ...]) -> str | None
     )
 
 
-def announce_training(prepared: Prepared, recipe: TrainConfig, first_epoch: int) -> None:
+def announce_training(
+    prepared: Prepared, recipe: TrainConfig, first_epoch: int, plan: str | None = None
+) -> None:
     """The line before training: what runs where, with which batch and learning rate, and on a CPU
-    how long it will take (training and validation)."""
+    how long it will take (training and validation); with a time budget, its `plan`."""
     config = prepared.config
     dtype = autocast_dtype(prepared.device, config.precision)
     epochs = config.epochs - first_epoch
@@ -132,6 +136,9 @@ def announce_training(prepared: Prepared, recipe: TrainConfig, first_epoch: int)
     )
     if note := mirror_note(config, prepared.data.class_names):
         print(note, file=sys.stderr, flush=True)
+    if plan:
+        print(f"{line}; time budget: {plan}", file=sys.stderr, flush=True)
+        return
     if prepared.device.type != "cpu":
         print(f"{line}; the first epoch gives the ETA", file=sys.stderr, flush=True)
         return
