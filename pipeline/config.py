@@ -413,8 +413,7 @@ class PredictConfig:
             )
         if self.engine not in ("local", "spark"):
             raise ConfigError(f"engine must be local or spark, got {self.engine!r}.")
-        if not 1 <= self.batch_size <= 1024:
-            raise ConfigError(f"batch_size must be between 1 and 1024, got {self.batch_size}.")
+        check_scoring_batch(self.batch_size)
         if self.explain and self.engine == "spark":
             raise ConfigError(
                 "explain works with engine=local (Spark's result columns are fixed); score with "
@@ -535,8 +534,7 @@ class MonitorConfig:
                 f"window must be 0 (all) or at least {MIN_WINDOW} images, got {self.window}."
             )
         check_fraction("alpha", self.alpha)
-        if not 1 <= self.batch_size <= 1024:
-            raise ConfigError(f"batch_size must be between 1 and 1024, got {self.batch_size}.")
+        check_scoring_batch(self.batch_size)
 
 
 @dataclass
@@ -561,6 +559,12 @@ def entry_point_configs() -> dict[str, type]:
         for value in globals().values()
         if isinstance(value, type) and isinstance(getattr(value, "ENTRY", None), EntryPoint)
     }
+
+
+def check_scoring_batch(batch_size: int) -> None:
+    """Images per scoring chunk: within the served model's per-request limit."""
+    if not 1 <= batch_size <= 1024:
+        raise ConfigError(f"batch_size must be between 1 and 1024, got {batch_size}.")
 
 
 def check_fraction(name: str, value: float) -> None:

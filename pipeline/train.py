@@ -24,7 +24,7 @@ from pipeline.tracking.launch import JOB_ENV, JOB_TAG, RECIPE_ENV, launch_traini
 from pipeline.tracking.resume import has_logged_config, load_resume_checkpoint, resumable_config
 from pipeline.tracking.runs import describe_run, print_summary
 from pipeline.tracking.training_run import TrainResult, discard_stray_run, training_run
-from pipeline.training.distributed import current_worker
+from pipeline.training.distributed import current_worker, from_leader
 from pipeline.training.loop import (
     CHANCE_P_VALUE,
     EpochCallback,
@@ -67,14 +67,22 @@ def run_train(recipe: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> T
 
 def follow(recipe: TrainConfig) -> TrainResult:
     """A process of a distributed job other than rank 0: the same preparation and `fit()` (its
-    collectives keep it in step), a resumed run's checkpoint read, nothing logged or printed."""
+    collectives keep it in step), a resumed run's checkpoint read; it logs only its system
+    metrics (`system/rank<N>/...`) to rank 0's run, and prints nothing."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
     prepared = prepare_training(recipe)
-    resume_from = None
-    if recipe.resume_run_id and has_logged_config(recipe.resume_run_id):
-        with tempfile.TemporaryDirectory() as scratch:
-            resume_from = load_resume_checkpoint(recipe.resume_run_id, Path(scratch))[0]
-    state = fit(prepared.model, recipe.model, prepared.train_batches, prepared.val_batches,
-                prepared.config, resume_from=resume_from)  # fmt: skip
+    monitor = SystemMetricsMonitor(from_leader(""), node_id=f"rank{os.environ['RANK']}")
+    monitor.start()
+    try:
+        resume_from = None
+        if recipe.resume_run_id and has_logged_config(recipe.resume_run_id):
+            with tempfile.TemporaryDirectory() as scratch:
+                resume_from = load_resume_checkpoint(recipe.resume_run_id, Path(scratch))[0]
+        state = fit(prepared.model, recipe.model, prepared.train_batches, prepared.val_batches,
+                    prepared.config, resume_from=resume_from)  # fmt: skip
+    finally:
+        monitor.finish()
     return TrainResult("", None, state.best_val_accuracy, state.best_epoch + 1, state.next_epoch)
 
 
@@ -136,6 +144,7 @@ def run_worker() -> None:
     """What each process of a distributed job runs (`python -m pipeline.train`): the recipe the
     launcher resolved, from the environment. A problem is one line, as from the CLI."""
     recipe = TrainConfig(**json.loads(os.environ[RECIPE_ENV]))
+    os.environ.setdefault("MLFLOW_SYSTEM_METRICS_NODE_ID", f"rank{os.environ.get('RANK', '0')}")
     try:
         train_here(recipe)
     except PipelineError as error:

@@ -43,6 +43,7 @@ from pipeline.tracking.runs import (
     stage_run,
 )
 from pipeline.training.budget import BudgetPlan, plan_to_budget
+from pipeline.training.distributed import current_worker, from_leader
 from pipeline.training.loop import (
     EpochCallback,
     FitState,
@@ -114,6 +115,8 @@ class TrainingRun:
         loads its newest whole checkpoint (a run killed before it logged its inputs logs them
         now, as a new run would)."""
         self.prepared = prepare_training(self.recipe, data)
+        if current_worker() is not None:
+            from_leader(self.run_id)  # the followers log their system metrics to this run
         if self.recipe.time_budget and not self.resuming:  # a resumed run keeps its plan
             self.plan = plan_to_budget(
                 self.prepared,

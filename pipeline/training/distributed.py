@@ -64,3 +64,10 @@ def summed(tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.clone()
         dist.all_reduce(tensor)
     return tensor
+
+
+def from_leader(value: str) -> str:
+    """Rank 0's `value` on every process (the run id the followers label their metrics with)."""
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
