@@ -33,7 +33,7 @@ def one_setting(processes: int, args: argparse.Namespace, root: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "train", "--model", args.model, "--data-dir",
-         str(SUBSET), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+         args.data_dir, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
          "--nproc-per-node", str(processes), "--experiment-name", "scaling"],
         env=env | {"MLFLOW_TRACKING_URI": uri}, cwd=root, capture_output=True, text=True,
     )  # fmt: skip
@@ -55,6 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--model", default="fastnet")
+    parser.add_argument("--data-dir", default=str(SUBSET))
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--out", default="benchmarks/results/distributed_cpu.jsonl")
@@ -68,6 +69,7 @@ def main() -> None:
             row["efficiency"] = round(row["images_per_second"] / ideal, 3)
         print(json.dumps(row), flush=True)
     record = {"benchmark": "distributed_scaling", **machine(), "model": args.model,
+              "data": args.data_dir,
               "global_batch": args.batch_size, "epochs": args.epochs, "rows": rows}  # fmt: skip
     with open(args.out, "a") as out:
         out.write(json.dumps(record) + "\n")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What we check on a CUDA machine, in one go: time to 93/94/95% validation accuracy of the real
 # train command on the full training set (45,000 train / 5,000 validation), per recipe; then training
-# throughput through fit() for every architecture (VGG per phase: frozen, unfrozen). Results go to
+# throughput through fit() for every architecture (VGG per phase: frozen, unfrozen); then train on 1 and
+# on all GPUs under torch.distributed (NCCL). Results go to
 # $OUT (default: gpu-results/) as JSON lines, logs beside them, each recipe as soon as it finishes.
 #
 #     bash benchmarks/gpu_checks.sh [FULL_SET] [RECIPE ...]
@@ -40,7 +41,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch, mlflow; print('torch', torch.__version__, 'mlflow', mlflow.__version__)" \
   2>&1 | tee -a "$out/device.txt"
 
-parts=${GPU_CHECKS:-airbench accuracy throughput}
+parts=${GPU_CHECKS:-airbench accuracy throughput distributed}
 [[ $parts == *accuracy* ]] && echo "== time to accuracy, full training set ($data)"
 [[ $parts == *accuracy* ]] && for recipe in "${recipes[@]}"; do
   timeout 240 python3 benchmarks/time_to_accuracy.py --data-dir "$data" --recipe "$recipe" \
@@ -59,3 +60,10 @@ done
   --models cnn resnet18 vgg16_transfer vgg16_finetune 2>>"$out/throughput.log" \
   | tee -a "$out/throughput.jsonl"
 rm -rf "$scratch"
+
+[[ $parts == *distributed* ]] && echo "== train on 1 and all GPUs (torch.distributed, NCCL)"
+gpus=$(nvidia-smi -L | wc -l)
+[[ $parts == *distributed* ]] && timeout 300 python3 -m benchmarks.distributed_scaling \
+  --processes 1 "$gpus" --model resnet18 --epochs 3 --data-dir "$data" \
+  --out "$out/distributed.jsonl" >>"$out/distributed.log" 2>&1
+[[ $parts == *distributed* ]] && cat "$out/distributed.jsonl" 2>/dev/null | cut -c1-400

@@ -205,6 +205,9 @@ class TrainConfig:
     rdzv_endpoint: str = option(
         "127.0.0.1:29400", "host:port of the rendezvous (machine 0), the same on every machine"
     )
+    sync_batch_norm: bool = option(
+        True, "several CUDA processes: batch norm over the global batch (CPU: each process's share)"
+    )
     collective_timeout_s: float = option(
         300.0, "a process that waits this long for its peers gives up (a peer died)"
     )

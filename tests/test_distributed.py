@@ -101,8 +101,9 @@ def ranks_of(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
     return found
 
 
+@pytest.mark.parametrize("resumed_on", [2, 1])
 def test_a_killed_rank_stops_the_job_and_resume_ends_like_an_unbroken_job(
-    tmp_path, unbroken, store
+    tmp_path, unbroken, store, resumed_on
 ):
     launcher = train(tmp_path, "--epochs", "4", "--nproc-per-node", "2", wait=False)
     deadline = time.monotonic() + 300
@@ -122,14 +123,18 @@ def test_a_killed_rank_stops_the_job_and_resume_ends_like_an_unbroken_job(
     assert "rank 1 was killed by SIGKILL" in err and "--resume-run-id" in err
     failed = store.get_run(run.info.run_id)
     assert failed.info.status == "FAILED" and "rank 1" in failed.data.tags["error"]
-    train(tmp_path, "--resume-run-id", run.info.run_id, "--nproc-per-node", "2")
+    train(tmp_path, "--resume-run-id", run.info.run_id, "--nproc-per-node", str(resumed_on))
     resumed = store.get_run(run.info.run_id)
     assert resumed.info.status == "FINISHED" and resumed.data.metrics["epochs_run"] == 4
     got = weights(resumed.data.tags["model_uri"])
     expected = weights(runs_of(unbroken)[1].data.tags["model_uri"])
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    for name in expected:  # the same processes from the same checkpoint: the same numbers
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+    # The same processes from the same checkpoint: the same numbers, to the last bit; one
+    # process instead of two: the same sums in another order.
+    exact = resumed_on == 2
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0 if exact else 1e-2,
+                                   atol=0 if exact else 1e-3)  # fmt: skip
 
 
 def test_two_launchers_on_loopback_make_one_job(tmp_path, store):
@@ -149,3 +154,18 @@ def test_two_launchers_on_loopback_make_one_job(tmp_path, store):
 def test_a_batch_that_does_not_split_evenly_is_refused_with_a_fix():
     with pytest.raises(ConfigError, match="does not divide among 3 processes.*multiple of 3"):
         resolve_train_config({"model": "cnn", "batch_size": 32, "nproc_per_node": 3})
+
+
+def test_a_taken_rendezvous_port_is_refused_before_any_process_starts():
+    import socket
+
+    from pipeline.tracking.launch import DistributedTrainingError, check_rendezvous_port
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        recipe = resolve_train_config({"model": "cnn", "nproc_per_node": 2,
+                                       "rdzv_endpoint": f"127.0.0.1:{port}"})  # fmt: skip
+        with pytest.raises(DistributedTrainingError, match=f"port {port} .* is taken here"):
+            check_rendezvous_port(recipe)

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -59,6 +60,24 @@ def failure_reason(rank: int, exitcode: int) -> str:
     return f"rank {rank} exited with code {exitcode}"
 
 
+def check_rendezvous_port(recipe: TrainConfig) -> None:
+    """On machine 0, which hosts the rendezvous: its port must be free, said before any process
+    starts rather than as a worker's traceback."""
+    if recipe.node_rank != 0:
+        return
+    port = int(recipe.rdzv_endpoint.rsplit(":", 1)[-1])
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError as error:
+            raise DistributedTrainingError(
+                f"the rendezvous port {port} ({recipe.rdzv_endpoint}) is taken here "
+                f"({error.strerror}); pass another, e.g. -P rdzv_endpoint="
+                f"{recipe.rdzv_endpoint.rsplit(':', 1)[0]}:{port + 1} (the same on every machine)."
+            ) from None
+
+
 def launch_training(recipe: TrainConfig):
     """Run `recipe` on nproc_per_node processes here (times nnodes machines); the TrainResult of
     the job's run."""
@@ -67,6 +86,7 @@ def launch_training(recipe: TrainConfig):
 
     from pipeline.tracking.training_run import TrainResult
 
+    check_rendezvous_port(recipe)
     job = job_id(recipe)
     os.environ[RECIPE_ENV] = json.dumps(dataclasses.asdict(recipe))
     os.environ[JOB_ENV] = job

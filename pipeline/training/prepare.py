@@ -41,7 +41,8 @@ def prepare_training(config: TrainConfig, data: ImageSet | None = None) -> Prepa
     config = scaled_to_data(config, len(splits.train))
     device = select_device()
     shard = (0, 1)
-    if (worker := current_worker()) is not None:
+    worker = current_worker()
+    if worker is not None:
         if len(splits.train) < config.batch_size:
             raise ConfigError(
                 f"{len(splits.train)} training images are fewer than one global batch of "
@@ -62,6 +63,9 @@ def prepare_training(config: TrainConfig, data: ImageSet | None = None) -> Prepa
     if (init_from_data := get_spec(config.model).init_from_data) is not None:
         sample = torch.from_numpy(splits.train.images[:5000]).permute(0, 3, 1, 2)
         init_from_data(model, normalize(sample, splits.mean, splits.std))
+    if worker is not None and on_cuda and config.sync_batch_norm:
+        # SyncBatchNorm runs on CUDA only; on CPUs each process normalizes over its shard.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if on_cuda:
         model = model.to(memory_format=torch.channels_last)
