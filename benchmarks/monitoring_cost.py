@@ -83,6 +83,7 @@ def in_process_costs(images: np.ndarray, root: Path) -> dict:
             {"label": [0], "class_name": ["airplane"], "probabilities": probabilities.tolist()}
         ),  # fmt: skip
         one,
+        [encode_png(images[0])],
         image_features(one),
         probabilities.max(1),
         0.01,

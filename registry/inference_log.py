@@ -28,8 +28,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.data.log_store import FILE_PREFIX, open_store
-from pipeline.model.classifier import IMAGE_COLUMN, Observation
-from pipeline.model.decoding import image_bytes
+from pipeline.model.classifier import Observation
 from pipeline.model.drift import FEATURES
 
 logger = logging.getLogger(__name__)
@@ -95,7 +94,7 @@ class InferenceLog:
     def record(
         self, seen: Observation, row: int, position: int, now: datetime, request_id: str
     ) -> dict[str, Any]:
-        raw = image_bytes(seen.frame[IMAGE_COLUMN].iloc[row], row)
+        raw = seen.encoded[position]
         probabilities = np.asarray(seen.result["probabilities"].iloc[row], dtype=np.float64)
         top_two = np.sort(probabilities)[-2:]
         keep_image = self.settings.log_images and len(raw) <= self.settings.max_image_kb * 1024

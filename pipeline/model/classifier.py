@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pipeline.model.architectures import build_model, class_probabilities, normalize
-from pipeline.model.decoding import InvalidImageError, decode_image
+from pipeline.model.decoding import InvalidImageError, decode_image, image_bytes
 from pipeline.model.drift import REFERENCE_ARTIFACT, DriftWindow, Reference, image_features
 from pipeline.model.explaining import gradcam_maps, overlay_png_base64, target_classes
 from pipeline.model.imaging import encode_png
@@ -92,11 +92,12 @@ def load_network(meta: dict[str, Any], weights_path: str) -> torch.nn.Module:
 class Observation:
     """One answered call, for what watches the served model (the drift window, the inference log):
     the request's rows and the answer row for row, and for the rows that were scored their pixels,
-    image statistics (drift.image_features) and top-class probability."""
+    encoded bytes (as sent), image statistics (drift.image_features) and top-class probability."""
 
     frame: pd.DataFrame
     result: pd.DataFrame
     images: np.ndarray
+    encoded: list[bytes]
     features: np.ndarray
     confidence: np.ndarray
     seconds: float
@@ -152,9 +153,11 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
         report = params.get("on_error", "raise") == "report"
         try:
             started = time.perf_counter()
-            result, images = self.classify(model_input, bool(params.get("tta", False)), report)
+            result, images, encoded = self.classify(
+                model_input, bool(params.get("tta", False)), report
+            )
             if self.observers and len(images):
-                self.notify(model_input, result, images, time.perf_counter() - started)
+                self.notify(model_input, result, images, encoded, time.perf_counter() - started)
             if params.get("explain", False):
                 self.explain(result, images, params.get("target") or None)
             return result
@@ -162,7 +165,12 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
             raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
 
     def notify(
-        self, frame: pd.DataFrame, result: pd.DataFrame, images: np.ndarray, seconds: float
+        self,
+        frame: pd.DataFrame,
+        result: pd.DataFrame,
+        images: np.ndarray,
+        encoded: list[bytes],
+        seconds: float,
     ) -> None:
         """Tell each observer about this answer; one that fails is logged, never the request's
         problem."""
@@ -171,6 +179,7 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
             frame,
             result,
             images,
+            encoded,
             image_features(images),
             np.array([max(p) for p in scored], dtype=np.float64),
             seconds,
@@ -206,8 +215,8 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
 
     def classify(
         self, model_input: pd.DataFrame, tta: bool, report: bool
-    ) -> tuple[pd.DataFrame, np.ndarray]:
-        """The answer for each row, and the pixels of the rows that decoded."""
+    ) -> tuple[pd.DataFrame, np.ndarray, list[bytes]]:
+        """The answer for each row, and the pixels and encoded bytes of the rows that decoded."""
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if IMAGE_COLUMN not in frame.columns:
             raise InvalidImageError(
@@ -217,10 +226,12 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
         check_image_count(len(frame))
         errors = [""] * len(frame)
         with self.batcher.caller():
-            images = []
+            images, encoded = [], []
             for i, value in enumerate(frame[IMAGE_COLUMN]):
                 try:
-                    images.append(decode_image(value, i))
+                    raw = image_bytes(value, i)
+                    images.append(decode_image(raw, i))
+                    encoded.append(raw)
                 except InvalidImageError as error:
                     if not report:
                         raise
@@ -248,4 +259,4 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
         )
         if report:
             result["error"] = errors
-        return result, pixels
+        return result, pixels, encoded

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.config import RepairStoreConfig
 from pipeline.errors import PipelineError
 
 LEFTOVER_PREFIX = "_alembic_tmp_"
@@ -101,7 +102,7 @@ def migrate(uri: str) -> None:
     mlflow.MlflowClient(uri).search_experiments(max_results=1)
 
 
-def run_repair_store(config) -> StoreRepair:
+def run_repair_store(config: RepairStoreConfig) -> StoreRepair:
     """The `repair_store` command: check (and repair) the store now, and say what was found."""
     import mlflow
 
