@@ -44,22 +44,32 @@ def broken_store(tmp_path_factory) -> Path:
     pytest.fail("20 rounds of three concurrent first uses never left the store half-migrated")
 
 
+def insert_known_columns(connection: sqlite3.Connection, table: str, row: dict) -> None:
+    """Insert the columns of `row` the table has: a round may stop at any migration, before or
+    after the one that added a column (experiments' creation_time, say)."""
+    present = {column[1] for column in connection.execute(f'PRAGMA table_info("{table}")')}
+    kept = {name: value for name, value in row.items() if name in present}
+    marks = ", ".join("?" for _ in kept)
+    connection.execute(
+        f'INSERT INTO "{table}" ({", ".join(kept)}) VALUES ({marks})', tuple(kept.values())
+    )
+
+
 def with_a_run(store: Path, tmp_path: Path) -> Path:
     """A copy of the broken store holding one run (written with SQL: MLflow cannot open it)."""
     copy = tmp_path / "mlflow.db"
     copy.write_bytes(store.read_bytes())
+    artifacts = tmp_path / "artifacts"
     with sqlite3.connect(copy) as connection:
-        connection.execute(
-            "INSERT INTO experiments (experiment_id, name, artifact_location, lifecycle_stage, "
-            "creation_time, last_update_time) VALUES (7, 'kept', ?, 'active', 1, 1)",
-            (str(tmp_path / "artifacts"),),
-        )
-        connection.execute(
-            "INSERT INTO runs (run_uuid, name, source_type, user_id, status, start_time, "
-            "lifecycle_stage, artifact_uri, experiment_id) VALUES ('0123abcd', 'kept-run', 'LOCAL', "
-            "'me', 'FINISHED', 1, 'active', ?, 7)",
-            (str(tmp_path / "artifacts" / "0123abcd"),),
-        )
+        insert_known_columns(connection, "experiments", {
+            "experiment_id": 7, "name": "kept", "artifact_location": str(artifacts),
+            "lifecycle_stage": "active", "creation_time": 1, "last_update_time": 1,
+        })  # fmt: skip
+        insert_known_columns(connection, "runs", {
+            "run_uuid": "0123abcd", "name": "kept-run", "source_type": "LOCAL", "user_id": "me",
+            "status": "FINISHED", "start_time": 1, "lifecycle_stage": "active",
+            "artifact_uri": str(artifacts / "0123abcd"), "experiment_id": 7,
+        })  # fmt: skip
     return copy
 
 
