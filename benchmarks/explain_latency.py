@@ -79,8 +79,6 @@ def in_process(model_uri: str, repeats: int) -> dict:
 
 
 def v2_translation_us(repeats: int = 2000) -> float:
-    import pandas as pd
-
     from registry import protocols
 
     png = encode_png(np.zeros((32, 32, 3), np.uint8))
@@ -88,7 +86,7 @@ def v2_translation_us(repeats: int = 2000) -> float:
         {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
                      "data": [base64.b64encode(png).decode()]}]}
     ).encode()  # fmt: skip
-    result = pd.DataFrame({"label": [3], "class_name": ["cat"], "probabilities": [[0.1] * 10]})
+    result = [{"label": 3, "class_name": "cat", "probabilities": [0.1] * 10}]
     start = time.perf_counter()
     for _ in range(repeats):
         request = protocols.parse_v2_infer(body, None)

@@ -90,7 +90,7 @@ def in_process_costs(images: np.ndarray, root: Path) -> dict:
     )
     metrics = ServerMetrics()
     log = InferenceLog(InferenceLogSettings(str(root / "log-in-process"), queue_rows=100_000),
-                       "cifar10-resnet", "1", lambda: "bench", metrics.inference_log)  # fmt: skip
+                       "cifar10-resnet", "1", lambda row: "bench", metrics.inference_log)  # fmt: skip
     started = time.perf_counter()
     for _ in range(5000):
         log.observe(seen)

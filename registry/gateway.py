@@ -25,14 +25,16 @@ Adding a guard (a rate limit, say) is one class here, one line in `build_gateway
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
+import io
 import json
 import logging
 import os
+import random
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ from typing import Any
 
 import anyio
 import numpy as np
+import pandas as pd
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -53,12 +56,13 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
-from pipeline.model.classifier import check_image_count
+from pipeline.model.classifier import IMAGE_COLUMN, check_image_count
 from pipeline.model.decoding import InvalidImageError
 from pipeline.model.drift import MIN_WINDOW, DriftWindow
 from registry import protocols
+from registry.batching import ROW_REQUEST_IDS, ImageError, RequestBatcher
 from registry.inference_log import LogCounters
-from registry.protocols import ProtocolError
+from registry.protocols import ProtocolError, Records
 
 Scope = MutableMapping[str, Any]
 # The id of the request being answered, for what the model's predict reaches (the inference log):
@@ -176,9 +180,17 @@ class Rejected(Exception):
     """A request refused by the layer: its status, a reason label for the metrics, a message, and
     whether the client may still be sending a body the answer should linger for."""
 
-    def __init__(self, status: int, reason: str, message: str, linger: bool = False) -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        linger: bool = False,
+        error_code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.reason, self.message, self.linger = status, reason, message, linger
+        self.error_code = error_code
 
 
 class ServerMetrics:
@@ -209,6 +221,12 @@ class ServerMetrics:
         self.images = Histogram(
             "cifar10_images_per_request",
             "Images in each accepted /invocations request",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=own,
+        )
+        self.call_images = Histogram(
+            "cifar10_model_call_images",
+            "Images in each call of the served model (requests that wait together share one)",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
             registry=own,
         )
@@ -335,7 +353,10 @@ def images_in(payload: dict[str, Any]) -> int:
 
 
 def check_depth(body: bytes, settings: GatewaySettings) -> None:
-    if json_depth(body) > settings.max_json_depth:
+    """Refuse JSON nested deeper than the limit; a body with fewer brackets than that (any body
+    of base64 images) cannot be, and is not scanned."""
+    brackets = body.count(b"[") + body.count(b"{")
+    if brackets > settings.max_json_depth and json_depth(body) > settings.max_json_depth:
         raise Rejected(
             400,
             "json_too_deep",
@@ -344,8 +365,9 @@ def check_depth(body: bytes, settings: GatewaySettings) -> None:
         )
 
 
-def parse_invocation(body: bytes, settings: GatewaySettings) -> int:
-    """Check an /invocations body the way MLflow will read it; return its number of images."""
+def parse_invocation(body: bytes, settings: GatewaySettings) -> tuple[int, dict[str, Any]]:
+    """Check an /invocations body the way MLflow will read it; its number of images and the
+    parsed JSON."""
     check_depth(body, settings)
     try:
         payload = json.loads(body.decode("utf-8"))
@@ -366,7 +388,26 @@ def parse_invocation(body: bytes, settings: GatewaySettings) -> int:
         check_image_count(count)
     except InvalidImageError as error:
         raise Rejected(400, "too_many_images", str(error)) from None
-    return count
+    return count, payload
+
+
+def plain_invocation(payload: dict[str, Any] | None) -> tuple[list[str], dict] | None:
+    """The images and params of an /invocations body in the form this project's clients send
+    (`dataframe_split` of one `image` column of base64 text, `params` without `explain`), or None
+    for any other form, which MLflow's app reads as it always has."""
+    if not payload or set(payload) - {"dataframe_split", "params"}:
+        return None
+    split, params = payload.get("dataframe_split"), payload.get("params", {})
+    if not isinstance(split, dict) or set(split) != {"columns", "data"}:
+        return None
+    rows = split["data"]
+    if split["columns"] != [IMAGE_COLUMN] or not isinstance(rows, list) or not rows:
+        return None
+    if not all(isinstance(row, list) and len(row) == 1 and isinstance(row[0], str) for row in rows):
+        return None
+    if not isinstance(params, dict) or params.get("explain"):
+        return None
+    return [row[0] for row in rows], params
 
 
 def clean_message(text: str) -> str:
@@ -388,6 +429,13 @@ def error_body(status: int, message: str, request_id: str) -> dict[str, str]:
 
 def request_id_of(scope: Scope) -> str:
     return scope["state"]["request_id"]
+
+
+def request_id_of_row(row: int) -> str:
+    """The id of the request that sent row `row` of the call being scored: a batched call knows
+    each row's, any other call is one request's."""
+    ids = ROW_REQUEST_IDS.get()
+    return ids[row] if row < len(ids) else REQUEST_ID.get()
 
 
 def internal_error(request_id: str) -> dict[str, str]:
@@ -423,7 +471,7 @@ class Observed(HttpGuard):
         self.linger_bytes = linger_bytes
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request_id = uuid.uuid4().hex[:16]
+        request_id = f"{random.getrandbits(64):016x}"  # unique enough to find in a log
         scope.setdefault("state", {})["request_id"] = request_id
         REQUEST_ID.set(request_id)
         route = route_of(scope["path"])
@@ -447,6 +495,8 @@ class Observed(HttpGuard):
             if refusal.linger:
                 headers["connection"] = "close"
             body = error_body(refusal.status, refusal.message, request_id)
+            if refusal.error_code:
+                body["error_code"] = refusal.error_code
             if protocol:
                 body = {"error": refusal.message}
             response = JSONResponse(body, refusal.status, headers)
@@ -519,7 +569,8 @@ class RequestBody(HttpGuard):
             self.check_content_type(request, binary_allowed=kind == "v2")
             body = await self.read(request)
             if kind == "mlflow":
-                self.metrics.images.observe(parse_invocation(body, self.settings))
+                count, scope["state"]["invocation"] = parse_invocation(body, self.settings)
+                self.metrics.images.observe(count)
             else:
                 header = request.headers.get(protocols.BINARY_HEADER)
                 json_part = body[: int(header)] if header and header.isdigit() else body
@@ -644,6 +695,11 @@ class ModelRoutes(HttpGuard):
     def __init__(self, app: ASGIApp, metrics: ServerMetrics, served: ServedModel) -> None:
         super().__init__(app, metrics)
         self.served = served
+        self.batcher = RequestBatcher(
+            lambda frame, params: self.served.model.predict(frame, params=params).to_dict(
+                orient="records"
+            )
+        )
         self.page_files = {f"/page/{p.name}": p for p in PAGE_DIR.iterdir() if p.is_file()}
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -659,6 +715,8 @@ class ModelRoutes(HttpGuard):
 
     async def answer(self, path: str, method: str, request: Request) -> Response | None:
         served = self.served
+        if path == "/invocations":
+            return await self.invocation(request) if method == "POST" else None
         if path == "/" or path in self.page_files:
             allow(method, "GET")
             page = self.page_files.get(path, PAGE_DIR / "index.html")
@@ -690,9 +748,9 @@ class ModelRoutes(HttpGuard):
                 allow(method, "GET")
                 return JSONResponse({"name": served.name, "ready": True})
             allow(method, "POST")
-            frame, params = protocols.parse_v1(await request.body())
+            images, params = protocols.parse_v1(await request.body())
             explain = match.group(2) == ":explain"
-            result = await self.predict(frame, params | {"explain": explain})
+            result = await self.predict(images, params | {"explain": explain}, request)
             answer = {"predictions": protocols.v1_predictions(result)}
             if explain:
                 answer["explanations"] = protocols.v1_explanations(result)
@@ -714,36 +772,60 @@ class ModelRoutes(HttpGuard):
         parsed = protocols.parse_v2_infer(
             await request.body(), request.headers.get(protocols.BINARY_HEADER)
         )
-        result = await self.predict(parsed.frame, parsed.params)
+        result = await self.predict(parsed.images, parsed.params, request)
         body, headers = protocols.v2_infer_response(
             parsed, result, self.served.name, self.served.version
         )
         media_type = headers.pop("content-type")
         return Response(body, media_type=media_type, headers=headers)
 
-    async def predict(self, frame: Any, params: dict[str, Any]) -> Any:
-        """The pyfunc's answer on a worker thread, within the server's request timeout."""
+    async def invocation(self, request: Request) -> Response | None:
+        """/invocations in its plain form, scored with the other requests waiting, answered as
+        MLflow's app answers it (its own serializer); None: MLflow's app takes the request."""
+        from mlflow.pyfunc.scoring_server import predictions_to_json
+
+        plain = plain_invocation(request.scope["state"].get("invocation"))
+        if plain is None:
+            return None
+        result = await self.scored(*plain, request_id_of(request.scope))
+        text = io.StringIO()
+        predictions_to_json(result, text)
+        return Response(text.getvalue(), media_type="application/json")
+
+    async def predict(self, images: list[Any], params: dict[str, Any], request: Request) -> Records:
+        self.metrics.images.observe(len(images))
+        return await self.scored(images, params, request_id_of(request.scope))
+
+    async def scored(self, images: list[Any], params: dict[str, Any], request_id: str) -> Records:
+        """The pyfunc's answer within the server's request timeout: scored together with the
+        requests waiting beside it (registry/batching.py), or, for explanations, in a call of its
+        own on a worker thread (as MLflow's app calls it)."""
         from mlflow.exceptions import MlflowException
 
-        self.metrics.images.observe(len(frame))
-        work = functools.partial(self.served.model.predict, frame, params=params)
         try:
-            with anyio.fail_after(self.served.timeout_s):
+            async with asyncio.timeout(self.served.timeout_s):  # anyio's scopes cost more here
+                if images and not params.get("explain"):
+                    return await self.batcher.score(images, params, request_id)
+                frame = pd.DataFrame({IMAGE_COLUMN: images})
+                work = functools.partial(self.served.model.predict, frame, params=params)
                 result = await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
         except TimeoutError:
             raise Rejected(
                 504, "timeout", f"the model did not answer within {self.served.timeout_s:g} s; "
                 "send fewer images per request."
             ) from None  # fmt: skip
-        except MlflowException as error:
-            message = clean_message(error.message) or "the request could not be scored."
-            raise Rejected(400, "bad_image", message) from None
+        except (MlflowException, ImageError) as error:
+            message = clean_message(str(getattr(error, "message", error)))
+            code = getattr(error, "error_code", "INVALID_PARAMETER_VALUE")
+            raise Rejected(
+                400, "bad_image", message or "the request could not be scored.", error_code=code
+            ) from None
         if params.get("explain") and "heatmap" not in result:
             raise Rejected(
                 400, "cannot_explain", "this model was logged before explanations existed; "
                 "train it again (`mlflow run . -e train`) to explain its answers."
             )  # fmt: skip
-        return result
+        return result.to_dict(orient="records")
 
 
 def allow(method: str, expected: str) -> None:
@@ -758,6 +840,7 @@ def observe_model(model: Any, metrics: ServerMetrics, class_names: list[str]) ->
 
     @functools.wraps(predict)
     def observed(data: Any, params: dict[str, Any] | None = None) -> Any:
+        metrics.call_images.observe(len(data))
         result = predict(data, params=params)
         metrics.observe_answers(result, class_names)
         return result

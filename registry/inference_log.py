@@ -57,14 +57,16 @@ class InferenceLogSettings:
 
 
 class InferenceLog:
-    """Rows in, Parquet files out, on a thread of its own; `observe` is a classifier observer."""
+    """Rows in, Parquet files out, on a thread of its own; `observe` is a classifier observer.
+    `request_id(row)`: the id of the request that sent row `row` of the observed call (one call
+    can score the images of several requests: registry/batching.py)."""
 
     def __init__(
         self,
         settings: InferenceLogSettings,
         model_name: str,
         model_version: str,
-        request_id: Callable[[], str],
+        request_id: Callable[[int], str],
         counters: LogCounters,
     ) -> None:
         self.settings = settings
@@ -81,11 +83,10 @@ class InferenceLog:
         """Queue the sampled rows of one answer; never blocks, never raises on a full queue."""
         scored = seen.result.index[seen.result["label"].to_numpy() >= 0]
         now = datetime.now(timezone.utc)
-        request_id = self.request_id()
         for position, row in enumerate(scored):
             if self.settings.sample < 1.0 and random.random() >= self.settings.sample:
                 continue
-            record = self.record(seen, row, position, now, request_id)
+            record = self.record(seen, row, position, now, self.request_id(row))
             try:
                 self.rows.put_nowait(record)
             except queue.Full:

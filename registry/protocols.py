@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from pipeline.model.classifier import IMAGE_COLUMN, check_image_count
+from pipeline.model.classifier import check_image_count
 from pipeline.model.decoding import InvalidImageError
 from pipeline.model.imaging import IMAGE_SHAPE, encode_png
 
@@ -43,9 +42,14 @@ class ProtocolError(Exception):
         self.status, self.reason, self.message = status, reason, message
 
 
+# The pyfunc's answer as one dict per image (label, class_name, probabilities, and with explain
+# the explanation's columns): what MLflow's /invocations answers, and what each protocol is made of.
+Records = list[dict[str, Any]]
+
+
 @dataclass
 class V2Request:
-    frame: pd.DataFrame
+    images: list[Any]
     params: dict[str, Any]
     request_id: str | None
     outputs: list[str]
@@ -192,24 +196,24 @@ def parse_v2_infer(body: bytes, header_length: str | None) -> V2Request:
         o["name"] for o in requested if (o.get("parameters") or {}).get("binary_data", all_binary)
     }
     request_id = payload.get("id")
-    frame = pd.DataFrame({IMAGE_COLUMN: images_of(inputs[0], binary)})
-    return V2Request(frame, params, str(request_id) if request_id else None, names, binary_outputs)
+    images = images_of(inputs[0], binary)
+    return V2Request(images, params, str(request_id) if request_id else None, names, binary_outputs)
 
 
-def v2_tensors(result: pd.DataFrame) -> dict[str, tuple[str, np.ndarray]]:
+def v2_tensors(result: Records) -> dict[str, tuple[str, np.ndarray]]:
     """The pyfunc's answer as v2 output tensors: name -> (datatype, array)."""
     count = len(result)
     tensors = {
-        "label": ("INT64", result["label"].to_numpy(np.int64)),
-        "class_name": ("BYTES", np.array(result["class_name"].tolist(), dtype=object)),
+        "label": ("INT64", np.array([row["label"] for row in result], dtype=np.int64)),
+        "class_name": ("BYTES", np.array([row["class_name"] for row in result], dtype=object)),
         "probabilities": (
             "FP32",
-            np.array(result["probabilities"].tolist(), dtype=np.float32).reshape(count, -1),
+            np.array([row["probabilities"] for row in result], dtype=np.float32).reshape(count, -1),
         ),
     }
-    if "heatmap" in result:
-        maps = np.array(result["heatmap"].tolist(), dtype=np.float32).reshape(count, 32, 32)
-        tensors["heatmap"] = ("FP32", maps)
+    if result and "heatmap" in result[0]:
+        maps = np.array([row["heatmap"] for row in result], dtype=np.float32)
+        tensors["heatmap"] = ("FP32", maps.reshape(count, 32, 32))
     return tensors
 
 
@@ -222,7 +226,7 @@ def serialized(datatype: str, array: np.ndarray) -> bytes:
 
 
 def v2_infer_response(
-    request: V2Request, result: pd.DataFrame, model_name: str, model_version: str
+    request: V2Request, result: Records, model_name: str, model_version: str
 ) -> tuple[bytes, dict[str, str]]:
     """The v2 answer's body and headers: JSON, or JSON then binary tensors when asked."""
     tensors = v2_tensors(result)
@@ -268,7 +272,7 @@ def v2_model_metadata(model_name: str, model_version: str, class_names: list[str
     }  # fmt: skip
 
 
-def parse_v1(body: bytes) -> tuple[pd.DataFrame, dict[str, Any]]:
+def parse_v1(body: bytes) -> tuple[list[Any], dict[str, Any]]:
     """KServe v1 `{"instances": [...]}` (base64 strings, or {"b64": ...} / {"image_bytes": {"b64":
     ...}} each) -> the pyfunc's input and params."""
     try:
@@ -289,23 +293,24 @@ def parse_v1(body: bytes) -> tuple[pd.DataFrame, dict[str, Any]]:
         if not isinstance(instance, str):
             raise ProtocolError(f"instance {index} is not a base64 image; {V1_INSTANCE_HELP}")
         images.append(instance)
-    return pd.DataFrame({IMAGE_COLUMN: images}), model_params(payload.get("parameters"))
+    return images, model_params(payload.get("parameters"))
 
 
-def v1_predictions(result: pd.DataFrame) -> list[dict[str, Any]]:
+def v1_predictions(result: Records) -> list[dict[str, Any]]:
     return [
-        {"label": int(row.label), "class_name": row.class_name, "probabilities": row.probabilities}
-        for row in result.itertuples()
-    ]
+        {"label": int(row["label"]), "class_name": row["class_name"],
+         "probabilities": row["probabilities"]}
+        for row in result
+    ]  # fmt: skip
 
 
-def v1_explanations(result: pd.DataFrame) -> list[dict[str, Any]]:
+def v1_explanations(result: Records) -> list[dict[str, Any]]:
     return [
         {
-            "target_label": int(row.explained_label),
-            "target_class": row.explained_class,
-            "heatmap": row.heatmap,
-            "heatmap_png": row.heatmap_png,
+            "target_label": int(row["explained_label"]),
+            "target_class": row["explained_class"],
+            "heatmap": row["heatmap"],
+            "heatmap_png": row["heatmap_png"],
         }
-        for row in result.itertuples()
+        for row in result
     ]

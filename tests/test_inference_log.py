@@ -64,7 +64,7 @@ def started(destination: str, metrics: ServerMetrics, **settings) -> InferenceLo
         InferenceLogSettings(destination, **settings),
         "cifar10-resnet",
         "3",
-        lambda: "req-1",
+        lambda row: "req-1",
         metrics.inference_log,
     )
 

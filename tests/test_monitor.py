@@ -2,12 +2,14 @@
 model's name and version), /metrics counts the rows, and `monitor` finds no drift in held-out images
 or in that log, finds it in darkened ones, and fails a scheduled job on drift when asked."""
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -75,17 +77,21 @@ def test_the_server_logs_every_answer_and_monitor_finds_no_drift_in_it(
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(base, process)
-        request_ids = set()
+        sent, sender = [], {}  # sender: the request id that carried each image
         for start in range(0, 100, 20):
-            pictures = [
-                base64.b64encode(encode_png(i)).decode() for i in held_out[start : start + 20]
-            ]
+            encoded = [encode_png(i) for i in held_out[start : start + 20]]
+            pictures = [base64.b64encode(e).decode() for e in encoded]
             route = "/invocations" if start % 40 == 0 else "/v2/models/cifar10-tiny/infer"
             body = ({"dataframe_split": {"columns": ["image"], "data": [[p] for p in pictures]}}
                     if route == "/invocations" else
                     {"inputs": [{"name": "image", "shape": [20], "datatype": "BYTES",
                                  "data": pictures}]})  # fmt: skip
-            request_ids.add(post(base + route, tiny_server.token, body)[1])
+            sent.append((base + route, body, encoded))
+        with ThreadPoolExecutor(len(sent)) as pool:  # at once: scored together, logged apart
+            ids = list(pool.map(lambda s: post(s[0], tiny_server.token, s[1])[1], sent))
+        for request_id, (_, _, encoded) in zip(ids, sent, strict=True):
+            sender |= {hashlib.sha256(e).hexdigest(): request_id for e in encoded}
+        request_ids = set(ids)
         deadline = time.monotonic() + 30
         while sum(len(pd.read_parquet(f)) for f in log.glob("inference-*.parquet")) < 100:
             assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-2000:]
@@ -105,6 +111,8 @@ def test_the_server_logs_every_answer_and_monitor_finds_no_drift_in_it(
     rows = pd.concat([pd.read_parquet(f) for f in sorted(log.glob("inference-*.parquet"))])
     # 4 files of 25 rows, and the last 3 rows written when the server stopped
     assert len(rows) == 103 and set(rows["request_id"]) == request_ids
+    first = rows.iloc[:100]
+    assert (first["request_id"] == first["image_sha256"].map(sender)).all()
     assert set(rows["model_name"]) == {"cifar10-tiny"} and set(rows["model_version"]) == {"1"}
     assert (rows["latency_ms"] > 0).all() and rows["image"].isna().all()
 
