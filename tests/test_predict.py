@@ -114,6 +114,14 @@ def test_spark_gives_the_same_table_row_for_row(model_uri, tracking, photos, tmp
     np.testing.assert_allclose(
         local.iloc[:, 3:-1].to_numpy(float), spark.iloc[:, 3:-1].to_numpy(float), atol=1e-5
     )
+    glob = f"{photos}/**/*.jpg"  # Spark lists the root once, then keeps the glob's files
+    local_glob = scored(model_uri, tracking, glob, tmp_path / "local-glob.parquet")
+    spark_glob = scored(
+        model_uri, tracking, glob, tmp_path / "spark-glob.parquet",
+        engine="spark", spark_master="local[2]",
+    )  # fmt: skip
+    assert list(spark_glob["path"]) == list(local_glob["path"])
+    assert list(spark_glob["class_name"]) == list(local_glob["class_name"])
 
 
 def test_an_archive_and_a_glob_score_like_the_folder_into_csv(
