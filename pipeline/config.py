@@ -328,6 +328,9 @@ class TuneConfig:
         None, "a YAML search space (default: experiments/search_spaces/<model>.yaml)"
     )
     timeout_seconds: float | None = option(None, "stop starting trials after this many seconds")
+    trial_time_budget: str = option(
+        "", "each trial's time (90s, 15m): its epochs are those that fit, as train's time_budget"
+    )
     heartbeat_seconds: int = option(
         30, "Optuna heartbeat; a worker silent for 3 beats has its trial retried"
     )
@@ -341,6 +344,8 @@ class TuneConfig:
             )
         if self.pruner not in ("median", "hyperband", "none"):
             raise ConfigError(f"pruner must be median, hyperband or none, got {self.pruner!r}.")
+        if self.trial_time_budget:
+            parse_duration(self.trial_time_budget)
         if self.n_trials < 1 or self.epochs < 1 or self.n_jobs < 1 or self.startup_trials < 1:
             raise ConfigError(
                 "n_trials, epochs, n_jobs and startup_trials must each be at least 1."

@@ -113,7 +113,8 @@ def make_pruner(config: TuneConfig) -> optuna.pruners.BasePruner:
     """
     first_judged = config.prune_after_epochs or max(1, math.ceil(0.75 * config.epochs))
     if config.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=first_judged, max_resource=config.epochs)
+        most = "auto" if config.trial_time_budget else config.epochs  # a budget plans the epochs
+        return optuna.pruners.HyperbandPruner(min_resource=first_judged, max_resource=most)
     if config.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=first_judged - 1)
     return optuna.pruners.NopPruner()
@@ -204,6 +205,7 @@ def trial_config(config: TuneConfig, values: Mapping[str, Any]) -> TrainConfig:
             "max_train_images": config.max_train_images,
             "skip_bad_images": config.skip_bad_images,
             "epochs": config.epochs,
+            "time_budget": config.trial_time_budget,
         }
         | dict(values)
     )
@@ -301,7 +303,7 @@ def train_trial(
         # After the last epoch pruning saves nothing and would throw the result away.
         epochs_spent[0] = epoch + 1
         trial.report(metrics["val_accuracy"], epoch)
-        if epoch + 1 < recipe.epochs and trial.should_prune():
+        if epoch + 1 < run.resolved.epochs and trial.should_prune():  # a budget plans them
             raise optuna.TrialPruned(f"pruned after epoch {epoch + 1}")
 
     def prune_not_learning(finding: WatchdogFinding) -> None:

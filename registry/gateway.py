@@ -802,16 +802,18 @@ class ModelRoutes(HttpGuard):
         own on a worker thread (as MLflow's app calls it)."""
         from mlflow.exceptions import MlflowException
 
+        timeout = self.served.timeout_s
         try:
-            async with asyncio.timeout(self.served.timeout_s):  # anyio's scopes cost more here
-                if images and not params.get("explain"):
-                    return await self.batcher.score(images, params, request_id)
-                frame = pd.DataFrame({IMAGE_COLUMN: images})
-                work = functools.partial(self.served.model.predict, frame, params=params)
+            if images and not params.get("explain"):  # (asyncio's timeout: anyio's costs more)
+                batched = self.batcher.score(images, params, request_id)
+                return await asyncio.wait_for(batched, timeout)
+            frame = pd.DataFrame({IMAGE_COLUMN: images})
+            work = functools.partial(self.served.model.predict, frame, params=params)
+            with anyio.fail_after(timeout):
                 result = await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11
             raise Rejected(
-                504, "timeout", f"the model did not answer within {self.served.timeout_s:g} s; "
+                504, "timeout", f"the model did not answer within {timeout:g} s; "
                 "send fewer images per request."
             ) from None  # fmt: skip
         except (MlflowException, ImageError) as error:

@@ -239,3 +239,16 @@ def test_a_killed_workers_trial_run_is_ended_by_the_next_worker(tracking, space,
     assert (runs["status"] != "RUNNING").all(), runs[["tags.mlflow.runName", "status"]]
     study = optuna.load_study(study_name="killed", storage=storage)
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+
+
+def test_each_trial_trains_the_epochs_that_fit_its_time_budget(tracking, tiny):
+    result = run_tune(tiny(n_trials=2, pruner="none", trial_time_budget="12s"))
+    children = nested_runs(result.run_id, tracking)
+    assert len(children) == 2  # (the watchdog may still stop a trial that does not learn)
+    for _, trial in children.iterrows():
+        planned = int(trial["tags.time_budget_plan"].split(": ")[1].split(" epoch")[0])
+        assert trial["metrics.time_budget_seconds"] == 12 and planned >= 1
+        assert trial["params.epochs"] == str(planned)  # the plan, not the study's 3
+    complete = children[children["tags.trial_state"] == "COMPLETE"]
+    assert len(complete) >= 1
+    assert (complete["metrics.train_seconds"] <= 12 * 1.1).all()
