@@ -151,7 +151,7 @@ def spark_files(spark, inputs: InputFiles):
         .option("recursiveFileLookup", "true")
         .load(inputs.root.as_uri())
     )
-    if inputs.files == list_inputs(str(inputs.root)).files:
+    if inputs.whole_root:
         return files
     wanted = [f"file:{path.as_posix()}" for path in inputs.files]
     return files.join(F.broadcast(spark.createDataFrame([(p,) for p in wanted], ["path"])), "path")

@@ -40,16 +40,14 @@ class Waiting:
 
 class RequestBatcher:
     """One pyfunc call at a time; the requests that arrive meanwhile with the same params wait and
-    go together in the next one (at most `max_images` images: the pyfunc's per-call limit)."""
+    go together in the next one (at most the pyfunc's per-call limit of images)."""
 
     def __init__(
         self,
         predict: Callable[[pd.DataFrame, dict[str, Any]], list[dict[str, Any]]],
-        max_images: int = MAX_IMAGES_PER_REQUEST,
         wait_s: float = 0.002,
     ) -> None:
         self.predict, self.wait_s = predict, wait_s
-        self.max_images = max(1, min(int(max_images), MAX_IMAGES_PER_REQUEST))
         self.waiting: dict[str, tuple[dict[str, Any], list[Waiting]]] = {}
         self.draining: asyncio.Task | None = None
 
@@ -71,7 +69,7 @@ class RequestBatcher:
             key = next(iter(self.waiting))
             params, queued = self.waiting[key]
             group, count = [], 0
-            while queued and (not group or count + len(queued[0].images) <= self.max_images):
+            while queued and (not group or count + len(queued[0].images) <= MAX_IMAGES_PER_REQUEST):
                 count += len(queued[0].images)
                 group.append(queued.pop(0))
             if not queued:

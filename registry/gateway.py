@@ -95,6 +95,7 @@ INPUT_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 MAX_MESSAGE_CHARS = 300
 # An answer whose top class has less than this probability counts as low-confidence on /metrics.
 LOW_CONFIDENCE = 0.5
+IMAGE_COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 # A refused body is read on and dropped after its answer ("lingering close", as nginx does), so a
 # client that sends the whole body before it reads gets the answer, not a reset: for at most this
@@ -221,13 +222,13 @@ class ServerMetrics:
         self.images = Histogram(
             "cifar10_images_per_request",
             "Images in each accepted /invocations request",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            buckets=IMAGE_COUNT_BUCKETS,
             registry=own,
         )
         self.call_images = Histogram(
             "cifar10_model_call_images",
             "Images in each call of the served model (requests that wait together share one)",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            buckets=IMAGE_COUNT_BUCKETS,
             registry=own,
         )
         self.rejected = Counter(

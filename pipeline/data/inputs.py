@@ -21,10 +21,12 @@ class InputError(PipelineError):
 
 @dataclass
 class InputFiles:
-    """The files to score, sorted; their table paths are relative to `root`."""
+    """The files to score, sorted; their table paths are relative to `root`. `whole_root`: they
+    are every file under it (a folder or an archive), not a glob's pick."""
 
     root: Path
     files: list[Path]
+    whole_root: bool = True
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
@@ -37,7 +39,8 @@ def hidden(path: Path, root: Path) -> bool:
 def list_inputs(location: str) -> InputFiles:
     """A folder (searched recursively), an archive (unpacked once into the cache, with the data
     layer's checks) or a glob (`photos/**/*.jpg`), as the files to score."""
-    if any(character in location for character in GLOB_CHARACTERS):
+    globbed = any(character in location for character in GLOB_CHARACTERS)
+    if globbed:
         base = location[: min(location.index(c) for c in GLOB_CHARACTERS if c in location)]
         root = Path(base if base.endswith(os.sep) else os.path.dirname(base) or ".").resolve()
         found = [Path(p).resolve() for p in glob.glob(location, recursive=True)]
@@ -60,7 +63,7 @@ def list_inputs(location: str) -> InputFiles:
     files = sorted(p for p in found if p.is_file() and not hidden(p, root))
     if not files:
         raise InputError(f"input {location} holds no files to score.")
-    return InputFiles(root, files)
+    return InputFiles(root, files, whole_root=not globbed)
 
 
 def read_bytes(path: Path) -> bytes | str:
