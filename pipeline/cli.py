@@ -27,7 +27,7 @@ from pipeline.config import (
     read_yaml,
     resolve_train_config,
 )
-from pipeline.errors import Interrupted, PipelineError
+from pipeline.errors import Interrupted, PipelineError, choose_option_form, in_users_form
 
 DESCRIPTION = """CIFAR-10 (or your own image folders) from raw images to a served model, every step
 tracked in MLflow. Each command is also an MLflow Project entry point: `mlflow run . -e <command>
@@ -257,13 +257,14 @@ def name_refused_run(stage: str, message: str) -> None:
 
 
 def refuse(stage: str, message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {in_users_form(message)}", file=sys.stderr)
     name_refused_run(stage, message)
     sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    choose_option_form()
     if not argv or argv[0] not in [*CONFIGS, "main"]:
         build_overview_parser().parse_args(argv)  # --help, or a one-line error for a bad command
     args, unknown = build_parser().parse_known_args(argv)
@@ -281,7 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt as interrupt:
         said = str(interrupt) if isinstance(interrupt, Interrupted) else ""
         print(
-            f"interrupted: {said or f'{args.stage} stopped by Ctrl-C before it saved anything'}",
+            in_users_form(
+                f"interrupted: {said or f'{args.stage} stopped by Ctrl-C before it saved anything'}"
+            ),
             file=sys.stderr,
         )
         sys.exit(130)

@@ -39,7 +39,7 @@ from pipeline.data.sources import (
     load_training_set,
     make_splits,
 )
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, in_users_form
 from pipeline.tracking.lineage import (
     CODE_TAG,
     PROJECT_ROOT,
@@ -178,7 +178,9 @@ def get_or_run(experiment_id: str, step: Step, force: bool = False) -> tuple[Run
             f"reused {found.info.run_id} (finished before with the same data, config and code)",
         )
         return found, True
-    print(f"main: {step.entry_point}: running: {why_not}", file=sys.stderr, flush=True)
+    print(
+        in_users_form(f"main: {step.entry_point}: running: {why_not}"), file=sys.stderr, flush=True
+    )
     client = mlflow.MlflowClient()
     try:
         submitted = mlflow.projects.run(
@@ -199,7 +201,7 @@ def get_or_run(experiment_id: str, step: Step, force: bool = False) -> tuple[Run
 def report_step(entry_point: str, what: str) -> None:
     """What happened to a step, on the main run (tag `step.<name>`) and on the screen."""
     mlflow.set_tag(f"step.{entry_point}", what)
-    print(f"main: {entry_point}: {what}", file=sys.stderr, flush=True)
+    print(in_users_form(f"main: {entry_point}: {what}"), file=sys.stderr, flush=True)
 
 
 def run_main(options: dict[str, Any]) -> dict[str, str]:

@@ -2,8 +2,10 @@
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -46,7 +48,7 @@ def test_redirected_train_prints_a_plan_one_line_per_epoch_and_a_summary(trackin
     run = mlflow.search_runs(experiment_names=[tracking]).iloc[0]
     assert f"train finished: run {run.run_id}" in output
     assert "model: models:/" in output  # MLflow 3 gives a logged model its own id
-    assert "next: mlflow run . -e evaluate --env-manager local -P model_uri=models:/" in output
+    assert "next: cifar10 evaluate --model-uri=models:/" in output  # the form the user typed
     assert "Warning" not in output and "warning" not in output.lower()
     # the run table tells runs apart, and the description carries the key number
     assert re.fullmatch(r"cnn · synthetic · lr [\d.e-]+ · 3 epochs", run["tags.mlflow.runName"])
@@ -59,13 +61,25 @@ def test_redirected_train_prints_a_plan_one_line_per_epoch_and_a_summary(trackin
 
 
 def test_cpu_estimate_over_an_hour_warns_with_what_to_do(tracking, tmp_path):
-    output = run_cli(
-        tmp_path,
-        *("train", "--model", "resnet18", "--data-dir", "synthetic", "--epochs", "20000"),
-        *("--max-train-images", "64", "--batch-size", "32", "--experiment-name", tracking),
-        *("--patience", "1", "--lr", "1e-12", "--schedule", "constant"),
-    )
-    assert "warning: that is over an hour on the CPU. Use a GPU, -P model=cnn" in output
+    """The warning comes before the first epoch; the run is stopped with Ctrl-C once it is out."""
+    log = tmp_path / "out.log"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli",
+             *("train", "--model", "resnet18", "--data-dir", "synthetic", "--epochs", "20000"),
+             *("--max-train-images", "64", "--batch-size", "32", "--experiment-name", tracking)],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while "warning: that is over an hour" not in log.read_text() and process.poll() is None:
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    output = log.read_text()
+    assert "warning: that is over an hour on the CPU. Use a GPU, --model=cnn" in output
+    assert "Traceback" not in output
 
 
 def test_main_names_the_skipped_evaluate_and_how_to_add_a_test_split(tracking, tmp_path):
@@ -78,6 +92,9 @@ def test_main_names_the_skipped_evaluate_and_how_to_add_a_test_split(tracking, t
     assert "main: preprocess: ran" in output and "main: train: ran" in output
     assert "main: evaluate: skipped: " in output and "has no test split" in output
     assert "Add the official test_batch" in output
+    # main's own lines and its steps' (run by `mlflow run`) name options as the user typed them
+    assert "or evaluate on other data: cifar10 evaluate --model-uri=models:/" in output
+    assert " -P " not in output
     assert "main finished: run" in output
     assert "  promotion: none: no candidate" in output and "promote: promote" not in output
     assert re.search(r"^  time: \d+m\d\ds$", output, re.M)
@@ -141,6 +158,22 @@ def test_a_misspelt_option_gets_the_nearest_name(tmp_path):
         "--epochs?). `cifar10 train --help` lists its options (with mlflow run: -P name=value, "
         "the same names)."
     )
+
+
+def test_a_hint_names_options_the_way_the_user_typed_them(tracking, tmp_path):
+    """The same refusal from `cifar10 train --data-dir` and from `mlflow run -P data_dir=`."""
+    missing = tmp_path / "nowhere"
+    typed = run_cli(tmp_path, "train", "--data-dir", str(missing), check=False)
+    assert "(or --download=true) downloads" in typed and "-P " not in typed
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
+    project = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(root), "-e", "train", "--env-manager", "local",
+         "--experiment-name", tracking, "-P", f"data_dir={missing}"],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert project.returncode != 0
+    assert "(or -P download=true) downloads" in project.stderr, project.stderr[-2000:]
 
 
 def test_what_happens_to_the_data_is_one_line_each(tracking, tmp_path):

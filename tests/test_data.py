@@ -212,5 +212,5 @@ def test_a_mistyped_data_dir_is_reported_missing_and_nothing_is_created(tmp_path
     printed = log.read_text()
     assert result.returncode == 2 and "Traceback" not in printed
     assert f"error: data_dir {readonly / name} does not exist" in printed
-    assert "only the default data_dir 'data' (or -P download=true) downloads" in printed
+    assert "only the default data_dir 'data' (or --download=true) downloads" in printed
     assert list(readonly.iterdir()) == []

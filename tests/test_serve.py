@@ -479,4 +479,4 @@ def test_a_port_in_use_is_refused_at_once_naming_who_holds_it(tmp_path):
     printed = log.read_text()
     assert code == 2 and "Traceback" not in printed
     assert f"error: port {port} on 127.0.0.1 is in use by pid {os.getpid()} (" in printed
-    assert f"-P port={port + 1}" in printed and "no model at" not in printed
+    assert f"--port={port + 1}" in printed and "no model at" not in printed

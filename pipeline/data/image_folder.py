@@ -27,6 +27,7 @@ from PIL import Image
 
 from pipeline.data.cifar_batches import DataIntegrityError
 from pipeline.data.image_set import ImageSet
+from pipeline.errors import in_users_form
 from pipeline.model.imaging import IMAGE_SHAPE, to_rgb_32
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
@@ -165,7 +166,7 @@ def atomic_save(path: Path, **arrays: np.ndarray) -> None:
 
 def say(line: str) -> None:
     """What happened to the data, one line on stderr (a terminal and a log file alike)."""
-    print(f"data: {line}", file=sys.stderr, flush=True)
+    print(in_users_form(f"data: {line}"), file=sys.stderr, flush=True)
 
 
 def cached_split(listing: Listing) -> DecodedSplit:

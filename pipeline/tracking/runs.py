@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 from pipeline.config import ConfigError
 from pipeline.data.image_set import ImageSet
 from pipeline.data.sources import SYNTHETIC, Splits, load_training_set, make_splits
-from pipeline.errors import Interrupted
+from pipeline.errors import Interrupted, in_users_form
 from pipeline.tracking.lineage import (
     CODE_TAG,
     DATA_TAG,
@@ -267,7 +267,7 @@ def print_summary(
     lines = [f"{stage} {verdict}: run {run.info.run_id} (experiment {run.info.experiment_id})"]
     lines += [f"  {name}: {value}" for name, value in facts.items()]
     lines += [f"  artifacts: {run.info.artifact_uri}", f"  next: {next_command}"]
-    print("\n".join(lines), flush=True)
+    print(in_users_form("\n".join(lines)), flush=True)
 
 
 def source_name(source: str) -> str:

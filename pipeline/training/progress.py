@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from pipeline.config import TrainConfig
 from pipeline.data.cifar_batches import CLASS_NAMES
+from pipeline.errors import in_users_form
 from pipeline.training.loader import DeviceBatches
 from pipeline.training.loop import autocast, autocast_dtype
 from pipeline.training.prepare import Prepared
@@ -52,7 +53,7 @@ class EpochProgress:
 
     def write(self, line: str) -> None:
         """A line above the bar on a terminal, a plain line in a log."""
-        tqdm.write(line, file=sys.stderr)
+        tqdm.write(in_users_form(line), file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()
@@ -135,7 +136,7 @@ def announce_training(
         f"{recipe_note(config, recipe, train_images)}"
     )
     if note := mirror_note(config, prepared.data.class_names):
-        print(note, file=sys.stderr, flush=True)
+        print(in_users_form(note), file=sys.stderr, flush=True)
     if plan:
         print(f"{line}; time budget: {plan}", file=sys.stderr, flush=True)
         return
@@ -150,8 +151,10 @@ def announce_training(
     print(f"{line}; about {format_duration(estimate)}", file=sys.stderr, flush=True)
     if estimate > 3600:
         print(
-            "warning: that is over an hour on the CPU. Use a GPU, -P model=cnn, or fewer "
-            "-P epochs (or -P max_train_images) to try things out.",
+            in_users_form(
+                "warning: that is over an hour on the CPU. Use a GPU, -P model=cnn, or fewer "
+                "-P epochs=... (or -P max_train_images=...) to try things out."
+            ),
             file=sys.stderr,
             flush=True,
         )
