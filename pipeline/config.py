@@ -238,11 +238,6 @@ class TrainConfig:
             raise ConfigError(f"bias_lr_factor must be positive, got {self.bias_lr_factor}.")
         if self.time_budget:
             parse_duration(self.time_budget)
-            if self.world_size > 1:
-                raise ConfigError(
-                    "time_budget plans one process's epochs; with nproc_per_node x nnodes > 1 give "
-                    "-P epochs instead (a budget for several processes is not supported yet)."
-                )
         if self.nproc_per_node < 1 or self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
             raise ConfigError(
                 f"nproc_per_node and nnodes must be at least 1 and node_rank in 0..nnodes-1, got "

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import mlflow
 
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, parse_duration
 from pipeline.data.sources import has_test_set
 from pipeline.errors import PipelineError
 from pipeline.tracking.launch import JOB_ENV, JOB_TAG, RECIPE_ENV, launch_training
 from pipeline.tracking.resume import has_logged_config, load_resume_checkpoint, resumable_config
 from pipeline.tracking.runs import describe_run, print_summary
 from pipeline.tracking.training_run import TrainResult, discard_stray_run, training_run
+from pipeline.training.budget import fit_to_budget
 from pipeline.training.distributed import current_worker, from_leader
 from pipeline.training.loop import (
     CHANCE_P_VALUE,
@@ -71,8 +72,11 @@ def follow(recipe: TrainConfig) -> TrainResult:
     metrics (`system/rank<N>/...`) to rank 0's run, and prints nothing."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    started = time.perf_counter()
     prepared = prepare_training(recipe)
     monitor = SystemMetricsMonitor(from_leader(""), node_id=f"rank{os.environ['RANK']}")
+    if recipe.time_budget and not recipe.resume_run_id:  # a resumed run keeps its plan
+        fit_to_budget(prepared, parse_duration(recipe.time_budget), time.perf_counter() - started)
     monitor.start()
     try:
         resume_from = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,13 +12,22 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
-import pytest
-from PIL import Image
+# Under pytest-xdist each worker has one core's share: its torch and every process it starts use one
+# thread, so that two workers do not contend for both cores (set before anything imports torch).
+# A worker also starts with SIGINT ignored, which the processes it starts would inherit: the tests
+# that press Ctrl-C on a stage need it back.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
-from pipeline.data.cifar_batches import BATCH_DIR, write_batch, write_meta
-from pipeline.data.image_folder import CACHE_ENV
-from pipeline.data.sources import make_synthetic
+import mlflow  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipeline.data.cifar_batches import BATCH_DIR, write_batch, write_meta  # noqa: E402
+from pipeline.data.image_folder import CACHE_ENV  # noqa: E402
+from pipeline.data.sources import make_synthetic  # noqa: E402
 
 REAL_SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-subset"
 

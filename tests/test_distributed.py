@@ -151,6 +151,17 @@ def test_two_launchers_on_loopback_make_one_job(tmp_path, store):
     assert len(runs) == 1 and runs[0].data.tags["distributed.world_size"] == "2"
 
 
+def test_a_time_budget_is_one_plan_for_every_process(tmp_path, store):
+    """Each process probes its own share, and every one follows rank 0's plan: with many short
+    epochs two probes rarely agree to the epoch, and a process that planned more would wait for
+    the others' collectives until the timeout."""
+    _, err = train(tmp_path, "--time-budget", "15s", "--nproc-per-node", "2")
+    run = store.search_runs([store.get_experiment_by_name("ddp").experiment_id])[0]
+    planned = int(run.data.tags["time_budget_plan"].split(": ")[1].split(" epoch")[0])
+    assert run.data.metrics["epochs_run"] == planned > 1, err[-2000:]
+    assert run.data.metrics["train_seconds"] <= 15 * 1.1
+
+
 def test_a_batch_that_does_not_split_evenly_is_refused_with_a_fix():
     with pytest.raises(ConfigError, match="does not divide among 3 processes.*multiple of 3"):
         resolve_train_config({"model": "cnn", "batch_size": 32, "nproc_per_node": 3})

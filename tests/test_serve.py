@@ -415,7 +415,7 @@ def test_a_public_host_without_a_token_is_refused_before_loading_anything(tmp_pa
         env=env, capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[1],
     )  # fmt: skip
     assert result.returncode == 2
-    assert "no token is set" in result.stderr and "allow_unauthenticated=true" in result.stderr
+    assert "no token is set" in result.stderr and "--allow-unauthenticated=true" in result.stderr
     assert "Traceback" not in result.stderr
     missing = tmp_path / "absent-token"
     result = subprocess.run(

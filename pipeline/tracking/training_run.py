@@ -8,7 +8,6 @@ records what came out. `recipe` is what was asked (the model's recipe under the 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -42,7 +41,7 @@ from pipeline.tracking.runs import (
     source_name,
     stage_run,
 )
-from pipeline.training.budget import BudgetPlan, plan_to_budget
+from pipeline.training.budget import BudgetPlan, fit_to_budget
 from pipeline.training.distributed import current_worker, from_leader
 from pipeline.training.loop import (
     EpochCallback,
@@ -118,14 +117,10 @@ class TrainingRun:
         if current_worker() is not None:
             from_leader(self.run_id)  # the followers log their system metrics to this run
         if self.recipe.time_budget and not self.resuming:  # a resumed run keeps its plan
-            self.plan = plan_to_budget(
+            self.plan = fit_to_budget(
                 self.prepared,
                 parse_duration(self.recipe.time_budget),
                 time.perf_counter() - self.started,
-                self.prepared.config.epochs,
-            )
-            self.prepared.config = dataclasses.replace(
-                self.prepared.config, epochs=self.plan.epochs
             )
         name = mlflow.get_run(self.run_id).data.tags.get("mlflow.runName", self.run_id)
         self.logged_config = self.resuming and has_logged_config(self.run_id)

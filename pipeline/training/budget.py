@@ -10,10 +10,12 @@ not cut off as a wall-clock stop would cut them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from pipeline.errors import PipelineError
+from pipeline.training.distributed import current_worker, from_leader
 from pipeline.training.loop import autocast_dtype
 from pipeline.training.prepare import Prepared
 from pipeline.training.progress import format_duration, seconds_per_image
@@ -73,3 +75,21 @@ def plan_to_budget(
     )
     planned = spent_s + logging_s + epochs * epoch_s
     return BudgetPlan(epochs, epoch_s, planned, description)
+
+
+def fit_to_budget(prepared: Prepared, budget_s: float, spent_s: float) -> BudgetPlan:
+    """Plan `prepared`'s epochs to `budget_s` and train that many. In a torch.distributed job
+    every process probes its own share and all follow rank 0's plan (or its refusal): processes
+    that planned different epochs would wait for each other's collectives until the timeout."""
+    try:
+        outcome: BudgetPlan | BudgetTooSmallError = plan_to_budget(
+            prepared, budget_s, spent_s, prepared.config.epochs
+        )
+    except BudgetTooSmallError as refusal:
+        outcome = refusal
+    if current_worker() is not None:
+        outcome = from_leader(outcome)
+    if isinstance(outcome, BudgetTooSmallError):
+        raise outcome
+    prepared.config = dataclasses.replace(prepared.config, epochs=outcome.epochs)
+    return outcome

@@ -8,9 +8,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,9 @@ def summed(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def from_leader(value: str) -> str:
-    """Rank 0's `value` on every process (the run id the followers label their metrics with)."""
+def from_leader(value: T) -> T:
+    """Rank 0's `value` on every process (the run id the followers label their metrics with, the
+    time budget's plan)."""
     shared = [value]
     dist.broadcast_object_list(shared, src=0)
     return shared[0]
