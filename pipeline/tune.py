@@ -41,7 +41,7 @@ from pipeline.config import (
 )
 from pipeline.data.image_set import ImageSet
 from pipeline.data.sources import load_training_set, make_splits
-from pipeline.errors import Interrupted
+from pipeline.errors import Interrupted, PipelineError
 from pipeline.model.architectures import get_spec
 from pipeline.tracking.runs import (
     first_use_lock,
@@ -176,6 +176,10 @@ def open_storage(storage_url: str, heartbeat_seconds: int = 30, attempts: int = 
             if attempt == attempts:
                 raise
             time.sleep(0.5 * attempt)
+
+
+class NoTrialCompletedError(PipelineError):
+    """Every trial was pruned or failed: a study without a best trial."""
 
 
 def study_name_of(config: TuneConfig) -> str:
@@ -407,6 +411,16 @@ def optimize(config: TuneConfig) -> TuneResult:
             {f"trials_{k}": v for k, v in counts.items()}
             | {"tune_seconds": time.perf_counter() - started}
         )
+        if not counts["complete"]:
+            log_study_plots(study)
+            raise NoTrialCompletedError(
+                f"no trial of study {study_name} completed ("
+                + ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+                + "), so there is no best configuration. Each trial run says why it stopped (tags "
+                "trial_state and watchdog_message). Fix: a search space whose learning rates can "
+                "learn on this data, more -P n_trials=..., or -P pruner=none; the study keeps its "
+                "trials, so the same command goes on with it."
+            )
         best = study.best_trial
         best_config = {
             k: v

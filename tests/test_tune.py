@@ -201,10 +201,29 @@ def tune_command(tracking: str, space: str, storage: str, **options) -> list[str
     ]  # fmt: skip
 
 
-def test_a_killed_workers_trial_run_is_ended_by_the_next_worker(tracking, space, storage, tmp_path):
+@pytest.fixture
+def learnable(tmp_path):
+    """Learning rates that learn the synthetic set: no trial of it is stopped by the watchdog."""
+    path = tmp_path / "learnable.yaml"
+    path.write_text(
+        "lr: {type: float, low: 0.001, high: 0.003, log: true}\n"
+        "width: {type: categorical, choices: [8]}\n"
+        "batch_size: {type: categorical, choices: [64]}\n"
+    )
+    return str(path)
+
+
+def test_a_killed_workers_trial_run_is_ended_by_the_next_worker(
+    tracking, learnable, storage, tmp_path
+):
     """Worker A is SIGKILLed mid-trial. Once its heartbeat is stale (3 s here), worker B fails the
     trial, tags A's trial run with the retry and runs the retry itself; A's runs end KILLED (on
-    the same machine B finds A's process gone before Optuna does; on another, by the heartbeat)."""
+    the same machine B finds A's process gone before Optuna does; on another, by the heartbeat).
+
+    A's trial must still be running when the kill comes: with a learning rate that cannot learn,
+    the watchdog ended it after epoch 3, and on a busy machine the poll below saw epoch 1 too late
+    (the flaky failure: no trial left to kill, A's run over before the kill)."""
+    space = learnable
     log_a = tmp_path / "worker_a.log"
     with log_a.open("w") as log:  # kept for the failure message: what A said before its kill
         worker_a = subprocess.Popen(
@@ -239,6 +258,22 @@ def test_a_killed_workers_trial_run_is_ended_by_the_next_worker(tracking, space,
     assert (runs["status"] != "RUNNING").all(), runs[["tags.mlflow.runName", "status"]]
     study = optuna.load_study(study_name="killed", storage=storage)
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+
+
+def test_a_study_whose_every_trial_is_stopped_ends_in_one_line(tracking, storage, tmp_path):
+    """Learning rates far too small: the watchdog stops the trial, and the study has no best."""
+    space = tmp_path / "hopeless.yaml"
+    space.write_text("lr: {type: float, low: 0.0000001, high: 0.0000002}\n")
+    done = subprocess.run(
+        tune_command(tracking, str(space), storage, epochs=6), capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    line = next(x for x in done.stderr.splitlines() if x.startswith("error:"))
+    assert "no trial of study killed completed (1 pruned)" in line and "--pruner=none" in line
+    runs = mlflow.search_runs(experiment_names=[tracking])
+    parent = runs[runs["tags.optuna_trial"].isna()].iloc[0]
+    assert parent["status"] == "FAILED" and "no trial" in parent["tags.error"]
+    assert runs[runs["tags.optuna_trial"] == "0"].iloc[0]["tags.trial_state"] == "PRUNED"
 
 
 def test_each_trial_trains_the_epochs_that_fit_its_time_budget(tracking, tiny):
