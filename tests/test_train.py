@@ -513,9 +513,11 @@ def test_a_run_that_cannot_learn_is_told_so_tagged_and_stopped_early(tracking, c
 
 @pytest.mark.accuracy
 def test_a_diverging_run_is_caught(tracking, capsys):
+    """lr 2.5 rises past 1.5x the first epoch's loss in epoch 2 in float32 and bfloat16 with one
+    thread (pytest-xdist) or two; lr 3.0 went NaN within epoch 2 in float32 on one thread."""
     config = tiny_config(
         tracking, data_dir="synthetic", epochs=4, width=8, max_train_images=512, batch_size=32,
-        optimizer="sgd", lr=3.0, warmup_fraction=0.9,
+        optimizer="sgd", lr=2.5, warmup_fraction=0.9,
     )  # fmt: skip
     result = run_train(config)
     assert result.epochs_run == 2
