@@ -27,7 +27,7 @@ FORM_VARIABLE = "CIFAR10_OPTION_FORM"
 MLFLOW_FORM, CLI_FORM = "mlflow", "cli"
 
 MLFLOW_RUN_COMMAND = re.compile(r"mlflow run \. -e (\w+) --env-manager local")
-PROJECT_PARAMETER = re.compile(r"-P (?!name=value)([a-z][a-z0-9_]*)=")
+PROJECT_PARAMETER = re.compile(r"-P (?!name=value)([a-z][a-z0-9_]*)(=?)")
 
 
 def choose_option_form() -> str:
@@ -46,4 +46,4 @@ def in_users_form(text: str) -> str:
     if os.environ.get(FORM_VARIABLE) != CLI_FORM:
         return text
     text = MLFLOW_RUN_COMMAND.sub(r"cifar10 \1", text)
-    return PROJECT_PARAMETER.sub(lambda m: f"--{m.group(1).replace('_', '-')}=", text)
+    return PROJECT_PARAMETER.sub(lambda m: f"--{m.group(1).replace('_', '-')}{m.group(2)}", text)

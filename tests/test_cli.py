@@ -12,6 +12,7 @@ import mlflow
 import pytest
 
 from pipeline.cli import CONFIGS, MAIN_OPTIONS, option_help, stage_options
+from pipeline.errors import FORM_VARIABLE, in_users_form
 from tests.conftest import write_cifar_dir, write_image_tree
 
 
@@ -158,6 +159,18 @@ def test_a_misspelt_option_gets_the_nearest_name(tmp_path):
         "--epochs?). `cifar10 train --help` lists its options (with mlflow run: -P name=value, "
         "the same names)."
     )
+
+
+def test_hints_read_in_the_clis_form_only_where_the_cli_started(monkeypatch):
+    hint = ("give -P lr=0.1, or fewer images (-P max_train_images): mlflow run . -e train "
+            "--env-manager local -P config=x.yaml (with mlflow run: -P name=value)")  # fmt: skip
+    monkeypatch.setenv(FORM_VARIABLE, "cli")
+    assert in_users_form(hint) == (
+        "give --lr=0.1, or fewer images (--max-train-images): cifar10 train --config=x.yaml "
+        "(with mlflow run: -P name=value)"
+    )
+    monkeypatch.setenv(FORM_VARIABLE, "mlflow")
+    assert in_users_form(hint) == hint
 
 
 def test_a_hint_names_options_the_way_the_user_typed_them(tracking, tmp_path):
