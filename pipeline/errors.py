@@ -30,14 +30,13 @@ MLFLOW_RUN_COMMAND = re.compile(r"mlflow run \. -e (\w+) --env-manager local")
 PROJECT_PARAMETER = re.compile(r"-P (?!name=value)([a-z][a-z0-9_]*)(=?)")
 
 
-def choose_option_form() -> str:
+def choose_option_form() -> None:
     """The form of this process and its children: inherited, else `mlflow run`'s when it started
     this process (it sets MLFLOW_RUN_ID), else the CLI's."""
     form = os.environ.get(FORM_VARIABLE) or (
         MLFLOW_FORM if os.environ.get("MLFLOW_RUN_ID") else CLI_FORM
     )
     os.environ[FORM_VARIABLE] = form
-    return form
 
 
 def in_users_form(text: str) -> str:

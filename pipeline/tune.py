@@ -411,12 +411,12 @@ def optimize(config: TuneConfig) -> TuneResult:
             {f"trials_{k}": v for k, v in counts.items()}
             | {"tune_seconds": time.perf_counter() - started}
         )
+        counted = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
         if not counts["complete"]:
             log_study_plots(study)
             raise NoTrialCompletedError(
-                f"no trial of study {study_name} completed ("
-                + ", ".join(f"{n} {k}" for k, n in counts.items() if n)
-                + "), so there is no best configuration. Each trial run says why it stopped (tags "
+                f"no trial of study {study_name} completed ({counted}), so there is no best "
+                "configuration. Each trial run says why it stopped (tags "
                 "trial_state and watchdog_message). Fix: a search space whose learning rates can "
                 "learn on this data, more -P n_trials=..., or -P pruner=none; the study keeps its "
                 "trials, so the same command goes on with it."
@@ -435,7 +435,7 @@ def optimize(config: TuneConfig) -> TuneResult:
             "tune",
             {
                 "study": f"{study.study_name} in {storage}",
-                "trials": ", ".join(f"{n} {k}" for k, n in counts.items() if n),
+                "trials": counted,
                 "best trial": f"{best.number}: {OBJECTIVE} {best.value:.4f} with {best.params}",
             },
             f"mlflow artifacts download -r {run.info.run_id} -a best_config.yaml -d . && "

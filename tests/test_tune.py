@@ -223,11 +223,10 @@ def test_a_killed_workers_trial_run_is_ended_by_the_next_worker(
     A's trial must still be running when the kill comes: with a learning rate that cannot learn,
     the watchdog ended it after epoch 3, and on a busy machine the poll below saw epoch 1 too late
     (the flaky failure: no trial left to kill, A's run over before the kill)."""
-    space = learnable
     log_a = tmp_path / "worker_a.log"
     with log_a.open("w") as log:  # kept for the failure message: what A said before its kill
         worker_a = subprocess.Popen(
-            tune_command(tracking, space, storage, epochs=500), stdout=log, stderr=log
+            tune_command(tracking, learnable, storage, epochs=500), stdout=log, stderr=log
         )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -245,7 +244,7 @@ def test_a_killed_workers_trial_run_is_ended_by_the_next_worker(
     worker_a.wait()
     time.sleep(4)
     subprocess.run(
-        tune_command(tracking, space, storage, epochs=1), check=True, capture_output=True
+        tune_command(tracking, learnable, storage, epochs=1), check=True, capture_output=True
     )
     runs = mlflow.search_runs(experiment_names=[tracking])
     killed = runs[runs["tags.optuna_trial"] == "0"].iloc[0]
