@@ -3,13 +3,14 @@
 The limit: the logged pyfunc's `predict` in this process on batches of base64 PNGs (the best of
 several batch sizes, the same torch threads and precision the server uses), measured before and
 after the served runs (the mean is the limit; both are recorded). Served: the hardened server as
-shipped (`cifar10 serve`, default settings) with one PNG per request from `wrk` (a C load generator:
-the client must cost the shared cores as little as possible), keep-alive connections, on
-/invocations and on the v2 route, at each concurrency. Ratio = served images/s / limit.
+shipped (`cifar10 serve`, default settings, one run per `--workers` count) with one PNG per request
+from `wrk` (a C load generator: the client must cost the shared cores as little as possible),
+keep-alive connections, on /invocations and on the v2 route, at each concurrency. Ratio = served
+images/s / limit.
 
 Needs Debian's `wrk` (`apt-get install wrk`).
 
-    python -m benchmarks.serving_limit [--models resnet18 fastnet] [--seconds 10]
+    python -m benchmarks.serving_limit [--models resnet18 fastnet] [--seconds 10] [--workers 1 2]
 """
 
 from __future__ import annotations
@@ -105,10 +106,12 @@ def run_wrk(url: str, script: Path, concurrency: int, seconds: float) -> dict:
     }
 
 
-def served(model_uri: str, env: dict, args: argparse.Namespace, folder: Path) -> list[dict]:
+def served(
+    model_uri: str, env: dict, args: argparse.Namespace, folder: Path, workers: int
+) -> list[dict]:
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", *hardened_command(model_uri, port)],
+        [sys.executable, "-m", *hardened_command(model_uri, port, "--workers", str(workers))],
         env=env | {TOKEN_ENV: TOKEN}, cwd=PROJECT_ROOT,
         stdout=(folder / "server.log").open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -126,7 +129,9 @@ def served(model_uri: str, env: dict, args: argparse.Namespace, folder: Path) ->
             for concurrency in args.concurrency:
                 time.sleep(3)  # the last run's abandoned requests are answered, not counted here
                 result = run_wrk(base + route, script, concurrency, args.seconds)
-                rows.append({"route": route, "concurrency": concurrency, **result})
+                rows.append(
+                    {"workers": workers, "route": route, "concurrency": concurrency, **result}
+                )
                 print(json.dumps(rows[-1]), file=sys.stderr)
     finally:
         server.terminate()
@@ -139,6 +144,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet18", "fastnet"])
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument(
+        "--workers", nargs="+", type=int, default=[1], help="serve's worker processes, each a run"
+    )
     parser.add_argument("--out", default="benchmarks/results/serving_limit_cpu.jsonl")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -153,7 +161,7 @@ def main() -> None:
             model_uri = promote_a_champion(model, env)
             os.environ["MLFLOW_TRACKING_URI"] = uri
             before = in_process_limit(model_uri)
-            rows = served(model_uri, env, args, folder)
+            rows = [row for n in args.workers for row in served(model_uri, env, args, folder, n)]
             after = in_process_limit(model_uri)
         limit = round((before["images_per_s"] + after["images_per_s"]) / 2, 1)
         record = {

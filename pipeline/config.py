@@ -392,7 +392,9 @@ class PredictConfig:
     output: str = required("the table to write: a .csv or .parquet file")
     engine: str = option("local", "local or spark")
     spark_master: str = option("local[*]", "Spark master URL (local[*], spark://host:7077)")
-    batch_size: int = option(256, BATCH_SIZE_HELP)
+    # Small chunks keep a CPU forward pass's activations in reused heap memory (measured:
+    # benchmarks/RESULTS.md, Spark against the local engine).
+    batch_size: int = option(64, BATCH_SIZE_HELP)
     tta: bool | None = option(
         None, TTA_HELP
     )  # None: the model's own default (what its validation used)
@@ -443,7 +445,7 @@ class ServeConfig:
     )
     host: str = option("127.0.0.1", "address to listen on (beyond loopback a token is required)")
     port: int = option(5001, "TCP port to listen on")
-    workers: int = option(1, "uvicorn worker processes")
+    workers: int = option(1, "uvicorn worker processes, each with its share of the cores")
     token_file: str = option("", "file holding the bearer token (or set CIFAR10_SERVE_TOKEN)")
     allow_unauthenticated: bool = option(False, "serve a public address without a token")
     max_body_mb: float = option(16.0, "largest request body accepted")

@@ -123,9 +123,10 @@ def score_spark(inputs: InputFiles, config: PredictConfig) -> pd.DataFrame:
         params={"tta": config.tta, **SCORE_OPTIONS},
     )
     files = spark_files(spark, inputs)
-    cores = max(2, spark.sparkContext.defaultParallelism * 2)
     # Thousands of small files make hundreds of partitions (Spark counts 4 MB per file opened);
-    # merging them costs no shuffle. A few files make one, spread over every core.
+    # merging them into one per core costs no shuffle, and each task loads the model once. A few
+    # files make one partition, spread over every core.
+    cores = spark.sparkContext.defaultParallelism
     few = files.rdd.getNumPartitions() < cores
     files = files.repartition(cores) if few else files.coalesce(cores)
     scored = files.select(

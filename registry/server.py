@@ -153,6 +153,8 @@ def run_serve(config: ServeConfig) -> None:
     if token:
         os.environ[TOKEN_ENV] = token
     os.environ["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(config.timeout_s)
+    if threads := threads_per_worker(config.workers):
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch in each worker it starts
     metrics_dir = None
     if config.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         metrics_dir = tempfile.mkdtemp(prefix="cifar10-metrics-")
@@ -289,11 +291,39 @@ def serving_line(config: ServeConfig, card: dict, token: str | None) -> str:
         alias = f" (alias {card['alias']})" if card["alias"] else ""
         what = f"{card['registered_name']} version {card['version']}{alias}"
     base = f"http://{config.host}:{config.port}"
+    threads = os.environ.get("OMP_NUM_THREADS")
+    each = f", {threads} torch thread{'s' * (threads != '1')} each" if threads else ""
     return (
         f"serving {what}, {card['architecture']}, at {base}/invocations, "
         f"{base}/v2/models/{card['name']}/infer and the page {base}/; token "
-        f"{'required' if token else 'not required (loopback only)'}; metrics at {base}/metrics"
+        f"{'required' if token else 'not required (loopback only)'}; metrics at {base}/metrics; "
+        f"{config.workers} worker{'s' * (config.workers != 1)}{each}"
     )
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, and a container's CPU quota
+    (cgroup v2 `cpu.max`), which torch's own thread count does not see."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return cores
+    return cores if quota == "max" else max(1, min(cores, int(quota) // int(period)))
+
+
+def threads_per_worker(workers: int) -> int | None:
+    """Torch threads for each worker process: its share of the usable cores. N workers that each
+    start an OpenMP team as large as the machine wait on each other's threads, and in a container
+    torch counts the node's cores, not the quota (benchmarks/RESULTS.md, Serving near the limit).
+    None: torch's own default serves (one worker with the whole machine), or the user set
+    OMP_NUM_THREADS."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = usable_cores()
+    if workers == 1 and cores == len(os.sched_getaffinity(0)):
+        return None
+    return max(1, cores // workers)
 
 
 def keep_freed_memory() -> None:

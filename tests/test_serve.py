@@ -18,6 +18,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import psutil
 import pytest
 import requests
 from PIL import Image
@@ -480,3 +481,53 @@ def test_a_port_in_use_is_refused_at_once_naming_who_holds_it(tmp_path):
     assert code == 2 and "Traceback" not in printed
     assert f"error: port {port} on 127.0.0.1 is in use by pid {os.getpid()} (" in printed
     assert f"--port={port + 1}" in printed and "no model at" not in printed
+
+
+def test_several_workers_share_the_cores_and_add_up_their_metrics(
+    tiny_server, tmp_path, monkeypatch
+):
+    """`--workers 2`: each worker's torch gets its share of the cores (not one OpenMP team as
+    large as the machine each), the start line says so, and /metrics counts every worker."""
+    from registry.server import threads_per_worker
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # set for the test process under xdist
+    share = threads_per_worker(2)
+    port = free_port()
+    env = dict(os.environ)
+    log = tmp_path / "server.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", *hardened_command(tiny_server.model_uri, port, "--workers", "2")],
+        env=env | {"MLFLOW_TRACKING_URI": tiny_server.tracking_uri, TOKEN_ENV: TOKEN},
+        stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    picture = b64(png_of(Image.new("RGB", (32, 32), (200, 30, 30))))
+    try:
+        wait_until_serving(base, process)
+        workers = [
+            child.environ().get("OMP_NUM_THREADS")
+            for child in psutil.Process(process.pid).children(recursive=True)
+            if "spawn_main" in " ".join(child.cmdline())
+        ]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(
+                pool.map(
+                    lambda _: post(f"{base}/invocations", images_request([picture])), range(24)
+                )
+            )
+        metrics = requests.get(f"{base}/metrics", headers=AUTHORIZED, timeout=30).text
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert 1 <= share <= max(1, os.cpu_count() // 2)
+    assert f"2 workers, {share} torch thread{'s' * (share != 1)} each" in log.read_text()
+    assert workers == [str(share)] * 2
+    assert all(status == 200 for status, _ in answers)
+    assert 'cifar10_requests_total{route="/invocations",status="200"} 24.0' in metrics
+
+
+def test_a_thread_count_the_user_set_is_kept(monkeypatch):
+    from registry.server import threads_per_worker
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads_per_worker(4) is None
