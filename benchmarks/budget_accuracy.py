@@ -53,6 +53,12 @@ def budgeted_run(data_dir: str, model: str, budget: str, precision: str) -> dict
     }
 
 
+def precision_name(precision: str, cpu_flags: str) -> str:
+    if precision == "auto":
+        return "bfloat16 (auto)" if "bf16" in cpu_flags else "float32 (auto)"
+    return {"fp32": "float32", "bf16": "bfloat16"}.get(precision, precision)
+
+
 def plot(results: list[dict], path: Path) -> None:
     figure, axes = plt.subplots(figsize=(6, 4))
     for key in sorted({(r["model"], r["precision"]) for r in results}):
@@ -64,9 +70,9 @@ def plot(results: list[dict], path: Path) -> None:
             [r["budget_seconds"] / 60 for r in rows],
             [r["best_val_accuracy"] for r in rows],
             marker="o",
-            label=f"{key[0]}, {'float32' if key[1] == 'fp32' else key[1]}",
+            label=f"{key[0]}, {precision_name(key[1], results[0]['cpu_flags'])}",
         )
-    axes.set_xlabel("time budget, minutes (whole train command)")
+    axes.set_xlabel("time budget, minutes")
     axes.set_ylabel("best validation accuracy")
     axes.set_title(f"{results[0]['machine']}, {results[0]['cpu_flags']}", fontsize=8)
     axes.grid(alpha=0.3)
