@@ -36,13 +36,13 @@ EXPERIMENT = "budget-accuracy"
 def budgeted_run(data_dir: str, model: str, budget: str, precision: str) -> dict:
     """One `train --time-budget` run and what it planned against what it took."""
     result = run_recipe(f"model={model} time_budget={budget} precision={precision}", data_dir)
+    asked = {**machine(), "model": model, "precision": precision}
+    asked["budget_seconds"] = parse_duration(budget)
+    if result["rc"] != 0:  # e.g. a budget below one epoch, refused in train's own words
+        return asked | result
     run = mlflow.get_run(result["run_id"])
     metrics = run.data.metrics
-    return {
-        **machine(),
-        "model": model,
-        "precision": precision,
-        "budget_seconds": parse_duration(budget),
+    return asked | {
         "plan": run.data.tags.get("time_budget_plan"),
         "planned_seconds": round(metrics.get("planned_seconds", float("nan")), 1),
         "planned_epoch_seconds": round(metrics.get("planned_epoch_seconds", float("nan")), 1),

@@ -38,6 +38,8 @@ def run_recipe(recipe: str, data_dir: str) -> dict:
     started = time.perf_counter()
     returncode = subprocess.call(command)
     wall = time.perf_counter() - started
+    if returncode != 0:  # refused or failed: train said why; there is no history to summarize
+        return {"recipe": recipe, "rc": returncode, "command_seconds": round(wall, 1)}
     run = mlflow.search_runs(
         experiment_names=[EXPERIMENT], order_by=["attributes.start_time DESC"], output_format="list"
     )[0]
