@@ -301,27 +301,27 @@ def serving_line(config: ServeConfig, card: dict, token: str | None) -> str:
     )
 
 
-def usable_cores() -> int:
-    """The cores this process may run on: its CPU affinity, and a container's CPU quota
-    (cgroup v2 `cpu.max`), which torch's own thread count does not see."""
-    cores = len(os.sched_getaffinity(0))
+def cpu_quota() -> int | None:
+    """A container's CPU quota in whole cores (cgroup v2 `cpu.max`, at least 1), which torch's own
+    thread count does not see; None without one."""
     try:
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
     except (OSError, ValueError):
-        return cores
-    return cores if quota == "max" else max(1, min(cores, int(quota) // int(period)))
+        return None
+    return None if quota == "max" else max(1, int(quota) // int(period))
 
 
 def threads_per_worker(workers: int) -> int | None:
-    """Torch threads for each worker process: its share of the usable cores. N workers that each
-    start an OpenMP team as large as the machine wait on each other's threads, and in a container
-    torch counts the node's cores, not the quota (benchmarks/RESULTS.md, Serving near the limit).
-    None: torch's own default serves (one worker with the whole machine), or the user set
-    OMP_NUM_THREADS."""
+    """Torch threads for each worker process: its share of the cores it may use (its CPU affinity,
+    lowered by a container's quota). N workers that each start an OpenMP team as large as the
+    machine wait on each other's threads, and in a container torch counts the node's cores, not
+    the quota (benchmarks/RESULTS.md, Serving near the limit). None: torch's own default serves
+    (one worker with the whole machine), or the user set OMP_NUM_THREADS."""
     if "OMP_NUM_THREADS" in os.environ:
         return None
-    cores = usable_cores()
-    if workers == 1 and cores == len(os.sched_getaffinity(0)):
+    affinity, quota = len(os.sched_getaffinity(0)), cpu_quota()
+    cores = min(affinity, quota) if quota else affinity
+    if workers == 1 and cores == affinity:
         return None
     return max(1, cores // workers)
 

@@ -493,11 +493,10 @@ def test_several_workers_share_the_cores_and_add_up_their_metrics(
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # set for the test process under xdist
     share = threads_per_worker(2)
     port = free_port()
-    env = dict(os.environ)
     log = tmp_path / "server.log"
     process = subprocess.Popen(
         [sys.executable, "-m", *hardened_command(tiny_server.model_uri, port, "--workers", "2")],
-        env=env | {"MLFLOW_TRACKING_URI": tiny_server.tracking_uri, TOKEN_ENV: TOKEN},
+        env=os.environ | {"MLFLOW_TRACKING_URI": tiny_server.tracking_uri, TOKEN_ENV: TOKEN},
         stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1],
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
