@@ -2,16 +2,19 @@
 
 Both engines call the logged pyfunc's own `predict` (the decoding and forward pass that serving and
 `evaluate` use) with `on_error="report"`, so a file that is not a readable image gets a row with its
-error instead of stopping the job. The local engine feeds it chunks of files; the Spark engine reads
-the files with Spark's `binaryFile` source and runs the same pyfunc through
-`mlflow.pyfunc.spark_udf` in every executor, so the scale is Spark's, not ours.
+error instead of stopping the job. The local engine feeds it chunks of files; the Spark engine hands
+the same chunks to Spark's Python workers (`mapInPandas`), each with the model Spark shipped to it,
+so the scale is Spark's, not ours.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,8 +36,6 @@ from pipeline.tracking.runs import (
     stage_run,
 )
 
-# Hadoop's file listing (and so Spark's binaryFile source) skips names starting with "." or "_";
-# the local engine skips the same, so both score the same files.
 ARTIFACT_LIMIT_BYTES = 50 * 2**20
 SCORE_OPTIONS = {"on_error": "report"}
 SPARK_RESULT_TYPE = "label long, class_name string, probabilities array<double>, error string"
@@ -95,10 +96,11 @@ def score_local(
 
 
 def score_spark(inputs: InputFiles, config: PredictConfig) -> pd.DataFrame:
-    """The same pyfunc in Spark's executors over Spark's `binaryFile` source."""
+    """The same pyfunc and the same chunks as the local engine, in Spark's Python workers: the
+    driver's list of files becomes a table of paths, one partition per core, and each worker reads
+    its files and scores them in Arrow batches of `batch_size` with the model Spark shipped to it."""
     try:
         from pyspark.sql import SparkSession
-        from pyspark.sql import functions as F
     except ImportError:
         raise ConfigError(
             "engine=spark needs pyspark: pip install -e '.[spark]' (and Java 17 on the machine), "
@@ -111,51 +113,41 @@ def score_spark(inputs: InputFiles, config: PredictConfig) -> pd.DataFrame:
         .getOrCreate()
     )
     spark.sparkContext.setLogLevel("ERROR")
-    # Arrow hands the UDF batches of up to 10,000 rows by default: over the pyfunc's 1,024-image
-    # limit (measured: "2500 images in one request"). One batch is one chunk of `batch_size`.
+    # Arrow hands a worker batches of up to 10,000 rows by default: over the pyfunc's 1,024-image
+    # limit. One batch is one chunk of `batch_size`, as on the local engine.
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(config.batch_size))
-    spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")  # the table comes back
-    classify = mlflow.pyfunc.spark_udf(
-        spark,
-        config.model_uri,
-        result_type=SPARK_RESULT_TYPE,
-        env_manager="local",
-        params={"tta": config.tta, **SCORE_OPTIONS},
-    )
-    files = spark_files(spark, inputs)
-    # Thousands of small files make hundreds of partitions (Spark counts 4 MB per file opened);
-    # merging them into one per core costs no shuffle, and each task loads the model once. A few
-    # files make one partition, spread over every core.
-    cores = spark.sparkContext.defaultParallelism
-    few = files.rdd.getNumPartitions() < cores
-    files = files.repartition(cores) if few else files.coalesce(cores)
-    scored = files.select(
-        "path", classify(F.struct(F.col("content").alias(IMAGE_COLUMN))).alias("scored")
-    ).select("path", "scored.*")
-    table = scored.toPandas()
-    prefix = inputs.root.as_uri().removeprefix("file://")
-    table["path"] = [
-        p.removeprefix("file:").removeprefix("//").removeprefix(prefix).lstrip("/")
-        for p in table["path"]
-    ]
-    return table.sort_values("path", ignore_index=True)
+    spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
+    tta = config.tta
+    # A folder of its own name: a session keeps every file added to it, by name.
+    with tempfile.TemporaryDirectory(prefix="cifar10-model-") as model_dir:
+        mlflow.artifacts.download_artifacts(config.model_uri, dst_path=model_dir)
+        spark.sparkContext.addFile(model_dir, recursive=True)
+        shipped = Path(model_dir).name
+
+        def score_partition(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+            from pyspark import SparkFiles
+
+            model = executor_model(SparkFiles.get(shipped))
+            for batch in batches:
+                scored = score_chunk(model, [Path(p) for p in batch["path"]], tta)
+                scored.insert(0, "path", batch["path"].to_numpy())
+                yield scored
+
+        paths = pd.DataFrame({"path": [str(path) for path in inputs.files]})
+        table = (
+            spark.createDataFrame(paths)  # one slice per core, in the files' order
+            .mapInPandas(score_partition, f"path string, {SPARK_RESULT_TYPE}")
+            .toPandas()
+        )
+    table["path"] = [inputs.relative(Path(p)) for p in table["path"]]
+    return table
 
 
-def spark_files(spark, inputs: InputFiles):
-    """Spark's `binaryFile` rows of the files to score: one recursive listing of the root
-    (Hadoop skips the hidden names `list_inputs` skips), not a list of every path, which Spark
-    lists one by one (measured: 32 s for 10,000 files); a glob's files are then picked out."""
-    from pyspark.sql import functions as F
-
-    files = (
-        spark.read.format("binaryFile")
-        .option("recursiveFileLookup", "true")
-        .load(inputs.root.as_uri())
-    )
-    if inputs.whole_root:
-        return files
-    wanted = [f"file:{path.as_posix()}" for path in inputs.files]
-    return files.join(F.broadcast(spark.createDataFrame([(p,) for p in wanted], ["path"])), "path")
+@functools.cache
+def executor_model(model_dir: str) -> mlflow.pyfunc.PyFuncModel:
+    """The model in a Spark Python worker, loaded once: Spark reuses its workers from task to task.
+    The driver already checked that this environment satisfies the model's requirements."""
+    return mlflow.pyfunc.load_model(model_dir, suppress_warnings=True)
 
 
 def prediction_table(scored: pd.DataFrame, class_names: list[str]) -> pd.DataFrame:

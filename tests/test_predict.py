@@ -114,7 +114,7 @@ def test_spark_gives_the_same_table_row_for_row(model_uri, tracking, photos, tmp
     np.testing.assert_allclose(
         local.iloc[:, 3:-1].to_numpy(float), spark.iloc[:, 3:-1].to_numpy(float), atol=1e-5
     )
-    glob = f"{photos}/**/*.jpg"  # Spark lists the root once, then keeps the glob's files
+    glob = f"{photos}/**/*.jpg"
     local_glob = scored(model_uri, tracking, glob, tmp_path / "local-glob.parquet")
     spark_glob = scored(
         model_uri, tracking, glob, tmp_path / "spark-glob.parquet",

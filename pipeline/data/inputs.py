@@ -21,12 +21,10 @@ class InputError(PipelineError):
 
 @dataclass
 class InputFiles:
-    """The files to score, sorted; their table paths are relative to `root`. `whole_root`: they
-    are every file under it (a folder or an archive), not a glob's pick."""
+    """The files to score, sorted; their table paths are relative to `root`."""
 
     root: Path
     files: list[Path]
-    whole_root: bool = True
 
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
@@ -63,7 +61,7 @@ def list_inputs(location: str) -> InputFiles:
     files = sorted(p for p in found if p.is_file() and not hidden(p, root))
     if not files:
         raise InputError(f"input {location} holds no files to score.")
-    return InputFiles(root, files, whole_root=not globbed)
+    return InputFiles(root, files)
 
 
 def read_bytes(path: Path) -> bytes | str:
