@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,15 @@ from PIL import Image  # noqa: E402
 from pipeline.data.cifar_batches import BATCH_DIR, write_batch, write_meta  # noqa: E402
 from pipeline.data.image_folder import CACHE_ENV  # noqa: E402
 from pipeline.data.sources import make_synthetic  # noqa: E402
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with the most `slow` tests first: under `--dist loadfile` (and
+    `--no-loadscope-reorder`) the workers take files in this order, so the long ones start early
+    and both workers end together instead of one finishing a long file alone."""
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])
+
 
 REAL_SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-subset"
 

@@ -83,6 +83,7 @@ def test_cpu_estimate_over_an_hour_warns_with_what_to_do(tracking, tmp_path):
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
 def test_main_names_the_skipped_evaluate_and_how_to_add_a_test_split(tracking, tmp_path):
     data = write_cifar_dir(tmp_path / "cifar", per_batch=100, batches=2, test_images=0)
     output = run_cli(

@@ -102,6 +102,7 @@ def ranks_of(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
 
 
 @pytest.mark.parametrize("resumed_on", [2, 1])
+@pytest.mark.slow
 def test_a_killed_rank_stops_the_job_and_resume_ends_like_an_unbroken_job(
     tmp_path, unbroken, store, resumed_on
 ):

@@ -25,6 +25,7 @@ def quickstart_commands() -> list[list[str]]:
 
 
 @pytest.mark.skipif(not REAL_SUBSET.is_dir(), reason=f"the shared subset is not at {REAL_SUBSET}")
+@pytest.mark.slow
 def test_the_quickstart_trains_a_champion_and_serves_it(tmp_path):
     main_command, serve_command = quickstart_commands()
     assert main_command[:2] == ["cifar10", "main"] and serve_command[:2] == ["cifar10", "serve"]

@@ -85,6 +85,7 @@ def test_a_finished_run_is_refused_in_one_line_and_its_record_is_unchanged(track
     assert record_of(finished.run_id) == before
 
 
+@pytest.mark.slow
 def test_a_live_run_is_not_joined_and_finishes_normally(tracking):
     live = subprocess.Popen(
         train_command(tracking, **QUICK | {"epochs": 150, "stop_if_not_learning": False}),

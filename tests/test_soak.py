@@ -34,6 +34,7 @@ def limited_server(tiny_server, tmp_path):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_a_steady_load_then_a_burst_loses_nothing_and_refuses_fast(limited_server):
     port, worker, token = limited_server
     # Warm-up: the first burst starts the worker's threads and their allocator arenas (the

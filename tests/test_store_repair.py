@@ -82,6 +82,7 @@ def cli(*args: str, cwd: Path, uri: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_the_first_stage_on_a_half_migrated_store_repairs_it_and_keeps_every_run(
     broken_store, tmp_path
 ):

@@ -77,6 +77,7 @@ def test_unauthenticated_requests_are_refused(stack):
     assert error.value.code == 401
 
 
+@pytest.mark.slow
 def test_train_promote_serve_through_the_team_stack(stack, tmp_path):
     settings, admin_env = stack
     from mlflow.server import get_app_client

@@ -214,6 +214,7 @@ def test_early_stopping_keeps_the_best_epoch(tracking):
     assert mlflow.get_run(result.run_id).data.metrics["stopped_early"] == 1.0
 
 
+@pytest.mark.slow
 def test_finetune_resumed_across_the_unfreeze_boundary_ends_like_an_unbroken_run(tracking):
     """vgg16_finetune: epoch 1 frozen (only the head learns), epochs 2-3 unfrozen at lr x factor.
     A crash right after the first unfrozen epoch resumes to exactly the unbroken weights."""

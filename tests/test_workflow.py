@@ -37,6 +37,7 @@ def failed_step_error(experiment: str, entry_point: str) -> str:
 
 
 @pytest.mark.accuracy
+@pytest.mark.slow
 def test_main_runs_every_step_once_then_reuses_them(tracking):
     first = run_main({**TINY_MAIN, "experiment_name": tracking})
     assert set(first) == {"preprocess", "train", "evaluate", "promote"}
@@ -84,6 +85,7 @@ def test_main_without_data_fails_at_preprocess_with_the_clear_error(tracking, tm
     assert "train" not in set(entry_points.dropna())
 
 
+@pytest.mark.slow
 def test_rerunning_main_after_a_failed_step_resumes_at_that_step(tracking, tmp_path):
     weights = tmp_path / "resnet18-f37072fd.pth"
     options = {
@@ -110,6 +112,7 @@ def test_rerunning_main_after_a_failed_step_resumes_at_that_step(tracking, tmp_p
     assert promote.info.status == "FINISHED" and "decision" in promote.data.tags
 
 
+@pytest.mark.slow
 def test_a_killed_main_leaves_no_step_running_once_main_runs_again(tracking, tmp_path):
     """main and its step are SIGKILLed together (their process group) while train runs; the next
     main finds both runs' processes gone, ends them KILLED, and runs the workflow to the end."""
@@ -178,6 +181,7 @@ def main_process(project: Path, tracking_uri: str, data: Path) -> str:
 
 
 @pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs the project as a git checkout")
+@pytest.mark.slow
 def test_main_reuses_training_only_for_the_same_data_config_and_code(tmp_path):
     project = project_copy(tmp_path / "project")
     data = write_image_tree(tmp_path / "pets", per_class=20)

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision import models as tv_models
 
 from pipeline.errors import PipelineError
 
@@ -30,7 +29,9 @@ class UnknownModelError(PipelineError, ValueError):
 @dataclass(frozen=True)
 class ModelSpec:
     build: Callable[..., nn.Module]
-    weights: Any = None
+    # torchvision's name for the pretrained weights: torchvision is imported only by the models that
+    # use it (importing it costs a second in every process that loads a model).
+    weights: str | None = None
     frozen_part: str | None = None
     unfreeze_after_freeze_epochs: bool = False
     # Called once with the new model and normalized training images (NCHW float), before training:
@@ -115,16 +116,20 @@ def small_cnn(
 @register("resnet18")
 def resnet18_cifar(num_classes: int = 10) -> nn.Module:
     """ResNet-18 for 32x32 inputs: 3x3 stride-1 stem and no max-pool, trained from scratch."""
-    model = tv_models.resnet18(num_classes=num_classes)
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=num_classes)
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
 
 
-@register("resnet18_pretrained", weights=tv_models.ResNet18_Weights.IMAGENET1K_V1)
+@register("resnet18_pretrained", weights="ResNet18_Weights.IMAGENET1K_V1")
 def resnet18_imagenet(num_classes: int = 10) -> nn.Module:
     """torchvision ResNet-18 (ImageNet stem) with a new 10-class head."""
-    model = tv_models.resnet18()
+    from torchvision.models import resnet18
+
+    model = resnet18()
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
 
@@ -135,7 +140,9 @@ def vgg16_cifar(num_classes: int = 10, dropout: float = 0.5) -> nn.Module:
     At 32x32 the features end at 1x1, so the ImageNet classifier (25088 -> 4096, 100M weights) would
     only see one value copied 49 times; a small new head trains faster and fits on any machine.
     """
-    model = tv_models.vgg16()
+    from torchvision.models import vgg16
+
+    model = vgg16()
     model.avgpool = nn.AdaptiveAvgPool2d(1)
     model.classifier = nn.Sequential(
         nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(512, num_classes)
@@ -144,7 +151,7 @@ def vgg16_cifar(num_classes: int = 10, dropout: float = 0.5) -> nn.Module:
 
 
 VGG16_SPEC = {
-    "weights": tv_models.VGG16_Weights.IMAGENET1K_V1,
+    "weights": "VGG16_Weights.IMAGENET1K_V1",
     "frozen_part": "features",
     "option_help": {"dropout": "dropout before the classifier layers"},
 }
@@ -307,13 +314,16 @@ def pretrained_state_dict(name: str, weights_path: str | None) -> dict[str, torc
         if not path.is_file():
             raise WeightsUnavailableError(f"weights_path {path} does not exist.")
         return torch.load(path, map_location="cpu", weights_only=True)
+    from torchvision.models import get_weight
+
+    weights = get_weight(spec.weights)
     try:
-        return spec.weights.get_state_dict(progress=False, check_hash=True)
+        return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as error:
-        file_name = Path(spec.weights.url).name
+        file_name = Path(weights.url).name
         cache = Path(torch.hub.get_dir()) / "checkpoints"
         raise WeightsUnavailableError(
-            f"Could not get ImageNet weights for {name} from {spec.weights.url} "
+            f"Could not get ImageNet weights for {name} from {weights.url} "
             f"({type(error).__name__}: {error}).\n"
             f"Provide them in one of three ways:\n"
             f"  1. copy {file_name} into {cache} (set TORCH_HOME to use another cache);\n"

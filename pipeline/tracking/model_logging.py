@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 import PIL
 import torch
-import torchvision
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types.schema import AnyType, Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
@@ -133,7 +132,7 @@ def log_classifier(
             pip_requirements=[
                 f"mlflow=={mlflow.__version__}",
                 f"torch=={torch.__version__.split('+')[0]}",
-                f"torchvision=={torchvision.__version__.split('+')[0]}",
+                f"torchvision=={version('torchvision').split('+')[0]}",
                 f"pillow=={PIL.__version__}",
                 f"pandas=={pd.__version__}",
                 f"numpy=={np.__version__}",

@@ -14,12 +14,11 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import psutil
 from filelock import FileLock
-from matplotlib.figure import Figure
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
@@ -36,6 +35,9 @@ from pipeline.tracking.lineage import (
     identity,
     identity_config,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DEFAULT_EXPERIMENT = "cifar10"
 STAGE_TAG = "stage"  # the entry point that made a run (train, tune, tune trial, evaluate, ...)
