@@ -196,7 +196,7 @@ def stratified_split(
     labels: np.ndarray, val_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded, class-stratified (train, val) index arrays carved from the training batches."""
-    # imported here, not at the top: 0.7 s that every stage reading this module would pay
+    # imported here, not at the top: sklearn is slow to import, and only the splits need it
     from sklearn.model_selection import train_test_split
 
     index = np.arange(len(labels))

@@ -29,8 +29,8 @@ class UnknownModelError(PipelineError, ValueError):
 @dataclass(frozen=True)
 class ModelSpec:
     build: Callable[..., nn.Module]
-    # torchvision's name for the pretrained weights: torchvision is imported only by the models that
-    # use it (importing it costs a second in every process that loads a model).
+    # torchvision's name for the pretrained weights: torchvision, slow to import, is imported only by
+    # the constructors that use it, not by every process that loads a model.
     weights: str | None = None
     frozen_part: str | None = None
     unfreeze_after_freeze_epochs: bool = False

@@ -301,7 +301,8 @@ CHANCE_P_VALUE = 0.01
 
 def above_chance_p_value(accuracy: float, images: int, classes: int) -> float:
     """One-sided binomial test of `accuracy` on `images` against guessing among `classes`."""
-    from scipy.stats import binomtest  # 0.4 s to import, in every process that imports this module
+    # imported here: scipy is slow to import, and only the watchdog needs it
+    from scipy.stats import binomtest
 
     correct = round(accuracy * images)
     return float(binomtest(correct, images, 1 / classes, alternative="greater").pvalue)
