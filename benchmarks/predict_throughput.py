@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--spark-master", default="local[2]")
     parser.add_argument("--engines", default="local,spark,evaluate")
     args = parser.parse_args()
+    engines = args.engines.split(",")
     if not ARCHIVE.is_file():
         raise SystemExit(f"needs the shared JPEG archive at {ARCHIVE}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,7 +73,7 @@ def main() -> None:
                  "max_train_images": 256, "experiment_name": "bench"}
             )
         )  # fmt: skip
-        for engine in [name for name in args.engines.split(",") if name != "evaluate"]:
+        for engine in [name for name in engines if name != "evaluate"]:
             output = root / f"{engine}.parquet"
             started = time.perf_counter()
             result = run_predict(
@@ -96,7 +97,7 @@ def main() -> None:
                 ),
                 flush=True,
             )
-        if "evaluate" not in args.engines.split(","):
+        if "evaluate" not in engines:
             return
         images = np.stack([decode_image(path.read_bytes()) for path in files])
         model = mlflow.pyfunc.load_model(trained.model_uri)
