@@ -124,7 +124,7 @@ def tracking(tracking_dir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
         mlflow.end_run("FAILED")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def real_subset() -> Path:
     if not (REAL_SUBSET / BATCH_DIR / "data_batch_1").is_file():
         pytest.skip(f"real CIFAR-10 subset not found at {REAL_SUBSET}")

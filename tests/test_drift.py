@@ -6,7 +6,6 @@ import pytest
 
 from pipeline.data.cifar_batches import BATCH_DIR, read_batch
 from pipeline.model.drift import FEATURES, DriftWindow, Reference, drift_test, image_features
-from tests.conftest import REAL_SUBSET
 
 
 def test_the_statistics_of_known_images():
@@ -27,8 +26,8 @@ def test_the_statistics_of_known_images():
 
 
 @pytest.fixture(scope="module")
-def real_images() -> np.ndarray:
-    return read_batch(REAL_SUBSET / BATCH_DIR / "data_batch_1")[0]
+def real_images(real_subset) -> np.ndarray:
+    return read_batch(real_subset / BATCH_DIR / "data_batch_1")[0]
 
 
 def test_held_out_real_images_pass_and_darker_or_blurred_ones_do_not(real_images):

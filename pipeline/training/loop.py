@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from scipy.stats import binomtest
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -301,9 +302,6 @@ CHANCE_P_VALUE = 0.01
 
 def above_chance_p_value(accuracy: float, images: int, classes: int) -> float:
     """One-sided binomial test of `accuracy` on `images` against guessing among `classes`."""
-    # imported here: scipy is slow to import, and only the watchdog needs it
-    from scipy.stats import binomtest
-
     correct = round(accuracy * images)
     return float(binomtest(correct, images, 1 / classes, alternative="greater").pvalue)
 
