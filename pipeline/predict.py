@@ -1,32 +1,22 @@
-"""The `predict` stage: batch scoring of unlabelled images into a table, on this machine or on Spark.
-
-Both engines call the logged pyfunc's own `predict` (the decoding and forward pass that serving and
-`evaluate` use) with `on_error="report"`, so a file that is not a readable image gets a row with its
-error instead of stopping the job. The local engine feeds it chunks of files; the Spark engine hands
-the same chunks to Spark's Python workers (`mapInPandas`), each with the model Spark shipped to it,
-so the scale is Spark's, not ours.
-"""
+"""The `predict` stage: batch scoring of unlabelled images into a table, on this machine or on Spark
+(`pipeline/scoring/`: the same chunks through the same pyfunc on both engines, so the scale is
+Spark's, not ours)."""
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
-import tempfile
 import time
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
-from pipeline.config import ConfigError, PredictConfig, config_to_params
-from pipeline.data.inputs import InputFiles, list_inputs, read_bytes
-from pipeline.model.classifier import IMAGE_COLUMN
+from pipeline.config import PredictConfig, config_to_params
+from pipeline.data.inputs import list_inputs
+from pipeline.scoring.local import score_local
 from pipeline.tracking.model_logging import default_tta
 from pipeline.tracking.runs import (
     load_logged_model,
@@ -38,117 +28,6 @@ from pipeline.tracking.runs import (
 )
 
 ARTIFACT_LIMIT_BYTES = 50 * 2**20
-SCORE_OPTIONS = {"on_error": "report"}
-SPARK_RESULT_TYPE = "label long, class_name string, probabilities array<double>, error string"
-
-
-def score_chunk(
-    model: mlflow.pyfunc.PyFuncModel, paths: list[Path], tta: bool, explain: bool = False
-) -> pd.DataFrame:
-    """The pyfunc's answer for a chunk of files, one row each; unreadable files keep their error."""
-    contents = [read_bytes(path) for path in paths]
-    frame = pd.DataFrame({IMAGE_COLUMN: [c if isinstance(c, bytes) else b"" for c in contents]})
-    params = {"tta": tta, **SCORE_OPTIONS} | ({"explain": True} if explain else {})
-    scored = model.predict(frame, params=params)
-    unread = [c if isinstance(c, str) else "" for c in contents]
-    scored["error"] = [u or e for u, e in zip(unread, scored["error"], strict=True)]
-    return scored
-
-
-class ScoringProgress:
-    """A bar on a terminal; in a log file, a line at every tenth of the files."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self.next_line = total, 0, total / 10
-        self.started = time.perf_counter()
-        self.bar = tqdm(total=total, unit="img", file=sys.stderr, disable=not sys.stderr.isatty())
-
-    def update(self, count: int) -> None:
-        self.done += count
-        self.bar.update(count)
-        if self.bar.disable and (self.done >= self.next_line or self.done == self.total):
-            rate = self.done / max(time.perf_counter() - self.started, 1e-9)
-            print(
-                f"scored {self.done:,} of {self.total:,} files ({rate:,.0f} images/s)",
-                file=sys.stderr,
-                flush=True,
-            )
-            self.next_line = self.done + self.total / 10
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def score_local(
-    model: mlflow.pyfunc.PyFuncModel, inputs: InputFiles, config: PredictConfig
-) -> pd.DataFrame:
-    progress = ScoringProgress(len(inputs.files))
-    frames = []
-    try:
-        for start in range(0, len(inputs.files), config.batch_size):
-            chunk = inputs.files[start : start + config.batch_size]
-            frames.append(score_chunk(model, chunk, config.tta, config.explain))
-            progress.update(len(chunk))
-    finally:
-        progress.close()
-    scored = pd.concat(frames, ignore_index=True)
-    scored.insert(0, "path", [inputs.relative(p) for p in inputs.files])
-    return scored
-
-
-def score_spark(inputs: InputFiles, config: PredictConfig) -> pd.DataFrame:
-    """The same pyfunc and the same chunks as the local engine, in Spark's Python workers: the
-    driver's list of files becomes a table of paths, one partition per core, and each worker reads
-    its files and scores them in Arrow batches of `batch_size` with the model Spark shipped to it."""
-    try:
-        from pyspark.sql import SparkSession
-    except ImportError:
-        raise ConfigError(
-            "engine=spark needs pyspark: pip install -e '.[spark]' (and Java 17 on the machine), "
-            "or use -P engine=local."
-        ) from None
-    spark = (
-        SparkSession.builder.master(config.spark_master)
-        .appName("cifar10-predict")
-        .config("spark.ui.showConsoleProgress", "false")
-        .getOrCreate()
-    )
-    spark.sparkContext.setLogLevel("ERROR")
-    # Arrow hands a worker batches of up to 10,000 rows by default: over the pyfunc's 1,024-image
-    # limit. One batch is one chunk of `batch_size`, as on the local engine.
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(config.batch_size))
-    spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
-    tta = config.tta
-    # A folder of its own name: a session keeps every file added to it, by name.
-    with tempfile.TemporaryDirectory(prefix="cifar10-model-") as model_dir:
-        mlflow.artifacts.download_artifacts(config.model_uri, dst_path=model_dir)
-        spark.sparkContext.addFile(model_dir, recursive=True)
-        shipped = Path(model_dir).name
-
-        def score_partition(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-            from pyspark import SparkFiles
-
-            model = executor_model(SparkFiles.get(shipped))
-            for batch in batches:
-                scored = score_chunk(model, [Path(p) for p in batch["path"]], tta)
-                scored.insert(0, "path", batch["path"].to_numpy())
-                yield scored
-
-        paths = pd.DataFrame({"path": [str(path) for path in inputs.files]})
-        table = (
-            spark.createDataFrame(paths)  # one slice per core, in the files' order
-            .mapInPandas(score_partition, f"path string, {SPARK_RESULT_TYPE}")
-            .toPandas()
-        )
-    table["path"] = [inputs.relative(Path(p)) for p in table["path"]]
-    return table
-
-
-@functools.cache
-def executor_model(model_dir: str) -> mlflow.pyfunc.PyFuncModel:
-    """The model in a Spark Python worker, loaded once: Spark reuses its workers from task to task.
-    The driver already checked that this environment satisfies the model's requirements."""
-    return mlflow.pyfunc.load_model(model_dir, suppress_warnings=True)
 
 
 def prediction_table(scored: pd.DataFrame, class_names: list[str]) -> pd.DataFrame:
@@ -220,6 +99,10 @@ def run_predict(config: PredictConfig) -> PredictResult:
         "predict", config.experiment_name, f"predict-{config.engine} · {source_name(config.input)}"
     ) as run:
         started = time.perf_counter()
+        if config.engine == "spark":
+            from pipeline.scoring.spark import score_spark, start_spark_in_background
+
+            session = start_spark_in_background(config.spark_master)  # while the model loads
         model = load_logged_model(config.model_uri)
         log_lineage({}, config_to_params(config))  # as asked: the model's default stays implicit
         if config.tta is None:
@@ -235,13 +118,7 @@ def run_predict(config: PredictConfig) -> PredictResult:
             flush=True,
         )
         if config.engine == "spark":
-            with warnings.catch_warnings():
-                # PySpark warns at each pandas conversion that pandas 3 is not fully supported;
-                # the Spark test checks this path's table row for row under it.
-                warnings.filterwarnings(
-                    "ignore", "PySpark does not yet fully support", FutureWarning
-                )
-                scored = score_spark(inputs, config)
+            scored = score_spark(session, inputs, config)
         else:
             scored = score_local(model, inputs, config)
         seconds = time.perf_counter() - loaded

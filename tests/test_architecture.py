@@ -13,6 +13,7 @@ MAY_IMPORT = {
     "pipeline.data": {"pipeline.errors", "pipeline.model"},
     "pipeline.config": {"pipeline.errors", "pipeline.model"},
     "pipeline.training": {"pipeline.errors", "pipeline.model", "pipeline.data", "pipeline.config"},
+    "pipeline.scoring": {"pipeline.errors", "pipeline.model", "pipeline.data", "pipeline.config"},
     "pipeline.tracking": {
         "pipeline.errors",
         "pipeline.model",
