@@ -62,13 +62,14 @@ def archive_is_whole(path: Path) -> bool:
 
 
 def class_archive(cache: Path) -> Path | None:
-    """This Java's and this pyspark's archive of Spark's classes (another pair records its own)."""
+    """This Java's and this pyspark's archive of Spark's classes."""
     import pyspark
 
     java = java_binary()
     if java is None:
         return None
-    key = f"{java}:{java.stat().st_mtime_ns}:{pyspark.__version__}"
+    # Java checks the archive against its classpath: each pyspark install records its own.
+    key = f"{java}:{java.stat().st_mtime_ns}:{pyspark.__version__}:{Path(pyspark.__file__).parent}"
     return cache / "spark-jvm" / f"classes-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsa"
 
 
