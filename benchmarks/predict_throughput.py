@@ -137,13 +137,13 @@ def main() -> None:
             for engine in scoring if round_index % 2 == 0 else scoring[::-1]:
                 lines.append(run_engine(engine, args, trained.model_uri, root))
                 print(json.dumps(lines[-1]), flush=True)
-        if {"local", "spark"} <= set(scoring):
+        local_runs = [x for x in lines if x["engine"] == "local"]
+        mapped_runs = [x for x in lines if x.get("jvm_class_archive") == "mapped"]
+        if local_runs and mapped_runs:  # a first Spark run (recording the archive) is not compared
             summary = {}
             for key in ("images_per_second", "stage_s"):
-                local = statistics.median(x[key] for x in lines if x["engine"] == "local")
-                spark = statistics.median(
-                    x[key] for x in lines if x["engine"] != "local" and x.get("jvm_class_archive") == "mapped"
-                )  # fmt: skip
+                local = statistics.median(x[key] for x in local_runs)
+                spark = statistics.median(x[key] for x in mapped_runs)
                 summary[f"spark_over_local_{key}"] = round(
                     spark / local if key == "images_per_second" else local / spark, 3
                 )
