@@ -42,7 +42,6 @@ def measure(
     prepared = prepare_training(config, make_synthetic(int(images / 0.9) + 10, seed=0))
     state = fit(
         prepared.model,
-        name,
         prepared.train_batches,
         prepared.val_batches,
         config,

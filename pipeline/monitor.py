@@ -11,6 +11,7 @@ verdict also exits non-zero, for a scheduled job.
 from __future__ import annotations
 
 import io
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +27,13 @@ from scipy import stats
 from pipeline.config import ConfigError, MonitorConfig, config_to_params
 from pipeline.data.inputs import list_inputs, read_bytes
 from pipeline.data.log_store import LOG_FILES, open_store
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, in_users_form
 from pipeline.model.classifier import IMAGE_COLUMN, Observation
 from pipeline.model.drift import (
     CONFIDENCE,
     FEATURES,
     MIN_WINDOW,
+    OLD_REFERENCE_NOTE,
     DriftResult,
     Reference,
     drift_test,
@@ -159,12 +161,16 @@ def score_images(model: mlflow.pyfunc.PyFuncModel, config: MonitorConfig) -> Win
 
 
 def class_share_test(labels: np.ndarray, reference: Reference) -> tuple[np.ndarray, float]:
-    """The window's predicted-class shares and the chi-square p-value against the reference's."""
+    """The window's predicted-class shares, and the p-value of a chi-square test of homogeneity
+    between its counts and the reference's: two samples, so the reference's own sampling noise is
+    counted (a test against its shares as if exact cries wolf when the reference is small)."""
     classes = len(reference.class_shares)
     counts = np.bincount(labels, minlength=classes)[:classes]
-    expected = reference.class_shares.astype(np.float64) + 1e-3  # no class is impossible
-    expected = expected / expected.sum() * counts.sum()
-    return counts / max(counts.sum(), 1), float(stats.chisquare(counts, expected).pvalue)
+    table = np.vstack([counts, reference.class_counts])
+    table = table[:, table.sum(axis=0) > 0]  # a class neither predicted says nothing
+    if table.shape[1] < 2 or table.sum(axis=1).min() == 0:
+        return counts / max(counts.sum(), 1), 1.0
+    return counts / max(counts.sum(), 1), float(stats.chi2_contingency(table).pvalue)
 
 
 def plot_drift(
@@ -231,6 +237,10 @@ def run_monitor(config: MonitorConfig) -> MonitorResult:
                 f"{config.model_uri} was logged without the drift reference monitor needs; train "
                 "it again (mlflow run . -e train) and monitor the new model."
             )
+        if reference.drawn_the_old_way:
+            note = OLD_REFERENCE_NOTE.format(model=config.model_uri, how=reference.sampling)
+            print(in_users_form(note), file=sys.stderr, flush=True)
+            mlflow.set_tag("reference_sampling", reference.sampling)
         class_names = list(classifier.class_names)
         if is_inference_log(config.source):
             window = read_log_window(config.source, config.window)

@@ -24,18 +24,12 @@ from pipeline.tracking.launch import JOB_ENV, JOB_TAG, RECIPE_ENV, launch_traini
 from pipeline.tracking.resume import has_logged_config, load_resume_checkpoint, resumable_config
 from pipeline.tracking.runs import describe_run, print_summary
 from pipeline.tracking.training_run import TrainResult, discard_stray_run, training_run
-from pipeline.training.budget import fit_to_budget
+from pipeline.training.budget import Pacer, fit_to_budget
 from pipeline.training.distributed import current_worker, from_leader
-from pipeline.training.loop import (
-    CHANCE_P_VALUE,
-    EpochCallback,
-    FitState,
-    WatchdogFinding,
-    above_chance_p_value,
-    fit,
-)
+from pipeline.training.loop import EpochCallback, FitState, fit
 from pipeline.training.prepare import Prepared, prepare_training
 from pipeline.training.progress import EpochProgress, announce_training, format_duration
+from pipeline.training.watchdog import CHANCE_P_VALUE, WatchdogFinding, above_chance_p_value
 
 LAUNCH_FIELDS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "collective_timeout_s")
 
@@ -75,16 +69,18 @@ def follow(recipe: TrainConfig) -> TrainResult:
     started = time.perf_counter()
     prepared = prepare_training(recipe)
     monitor = SystemMetricsMonitor(from_leader(""), node_id=f"rank{os.environ['RANK']}")
+    pacer = None
     if recipe.time_budget and not recipe.resume_run_id:  # a resumed run keeps its plan
-        fit_to_budget(prepared, parse_duration(recipe.time_budget), time.perf_counter() - started)
+        budget_s = parse_duration(recipe.time_budget)
+        pacer = Pacer(fit_to_budget(prepared, budget_s, time.perf_counter() - started), started)
     monitor.start()
     try:
         resume_from = None
         if recipe.resume_run_id and has_logged_config(recipe.resume_run_id):
             with tempfile.TemporaryDirectory() as scratch:
                 resume_from = load_resume_checkpoint(recipe.resume_run_id, Path(scratch))[0]
-        state = fit(prepared.model, recipe.model, prepared.train_batches, prepared.val_batches,
-                    prepared.config, resume_from=resume_from)  # fmt: skip
+        state = fit(prepared.model, prepared.train_batches, prepared.val_batches,
+                    prepared.config, resume_from=resume_from, pacer=pacer)  # fmt: skip
     finally:
         monitor.finish()
     return TrainResult("", None, state.best_val_accuracy, state.best_epoch + 1, state.next_epoch)

@@ -52,7 +52,7 @@ from pipeline.tracking.runs import (
     stage_run,
 )
 from pipeline.tracking.training_run import TrainingRun, training_run
-from pipeline.training.loop import WatchdogFinding
+from pipeline.training.watchdog import WatchdogFinding
 
 SEARCH_SPACES_DIR = EXPERIMENTS_DIR / "search_spaces"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

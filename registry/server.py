@@ -22,6 +22,8 @@ from pathlib import Path
 import psutil
 
 from pipeline.config import ConfigError, ServeConfig
+from pipeline.errors import in_users_form
+from pipeline.model.drift import FIRST_IMAGES, OLD_REFERENCE_NOTE
 
 SETTINGS_ENV = "CIFAR10_SERVE_SETTINGS"
 TOKEN_ENV = "CIFAR10_SERVE_TOKEN"
@@ -134,6 +136,9 @@ def run_serve(config: ServeConfig) -> None:
     check_port(config.host, config.port)
     model_path = local_model(config.model_uri)
     card = model_card(config.model_uri, model_path, config.served_name)
+    if config.drift_window and card.get("reference_sampling") == FIRST_IMAGES:
+        note = OLD_REFERENCE_NOTE.format(model=config.model_uri, how=FIRST_IMAGES)
+        print(in_users_form(note), file=sys.stderr, flush=True)
     os.environ[SETTINGS_ENV] = json.dumps(
         {
             "model_path": model_path,
@@ -233,6 +238,9 @@ def model_card(model_uri: str, model_path: str, name: str = "") -> dict:
         "run_id": logged.run_id,
         "run_url": None,
     }
+    reference = logged.metadata.get("drift_reference")
+    if reference is not None:  # models logged before the sampling was recorded took the first
+        card["reference_sampling"] = reference.get("sampling", FIRST_IMAGES)
     if not tracking_store_exists():
         return card  # a container's baked model: no store to ask, the card is what the model holds
     client = MlflowClient()

@@ -153,14 +153,16 @@ def test_two_launchers_on_loopback_make_one_job(tmp_path, store):
 
 
 def test_a_time_budget_is_one_plan_for_every_process(tmp_path, store):
-    """Each process probes its own share, and every one follows rank 0's plan: with many short
-    epochs two probes rarely agree to the epoch, and a process that planned more would wait for
-    the others' collectives until the timeout."""
+    """Each process probes its own share, and every one follows rank 0's plan and its pacer's
+    re-plans: with many short epochs two clocks rarely agree to the step, and a process that
+    planned more would wait for the others' collectives until the timeout."""
     _, err = train(tmp_path, "--time-budget", "15s", "--nproc-per-node", "2")
     run = store.search_runs([store.get_experiment_by_name("ddp").experiment_id])[0]
-    planned = int(run.data.tags["time_budget_plan"].split(": ")[1].split(" epoch")[0])
-    assert run.data.metrics["epochs_run"] == planned > 1, err[-2000:]
+    assert run.data.metrics["epochs_run"] > 1, err[-2000:]
     assert run.data.metrics["train_seconds"] <= 15 * 1.1
+    history = store.get_metric_history(run.info.run_id, "learning_rate")
+    last = max(history, key=lambda m: m.step).value
+    assert last < 1e-3 * float(run.data.params["lr"])  # both processes ended the same schedule
 
 
 def test_a_batch_that_does_not_split_evenly_is_refused_with_a_fix():

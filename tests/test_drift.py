@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 
 from pipeline.data.cifar_batches import BATCH_DIR, read_batch
-from pipeline.model.drift import FEATURES, DriftWindow, Reference, drift_test, image_features
+from pipeline.model.drift import (
+    FEATURES,
+    DriftWindow,
+    Reference,
+    drift_test,
+    image_features,
+    reference_sample,
+)
 
 
 def test_the_statistics_of_known_images():
@@ -76,7 +83,7 @@ def test_the_models_confidence_catches_what_the_pixels_cannot(real_images, tmp_p
     sure = np.full((400, 10), 0.02)
     sure[np.arange(400), rng.integers(0, 10, 400)] = 0.82
     sure[:, 0] += rng.uniform(0, 0.1, 400)  # a spread of top-class probabilities
-    reference = Reference.from_images(real_images[:700], 700, probabilities=sure)
+    reference = Reference.from_images(real_images[:400], probabilities=sure)
     assert reference.statistics[-1] == "confidence" and reference.class_shares.sum() == 1
     rotated = image_features(np.rot90(real_images[700:900], axes=(1, 2)))
     unsure = rng.uniform(0.3, 0.6, 200)
@@ -93,3 +100,34 @@ def test_the_models_confidence_catches_what_the_pixels_cannot(real_images, tmp_p
     np.testing.assert_array_equal(loaded.confidence, reference.confidence)
     np.savez(tmp_path / "older.npz", features=reference.features, names=np.array(FEATURES))
     assert Reference.load(tmp_path / "older.npz").confidence is None  # pixels only, as logged
+
+
+def test_the_reference_sample_spans_the_whole_split_in_each_class_share():
+    labels = np.repeat(np.arange(4), [2500, 1500, 800, 200])  # listed class by class
+    sample = reference_sample(labels, size=2000, seed=0)
+    assert len(sample) == len(set(sample)) == 2000 and np.all(np.diff(sample) > 0)
+    counts = np.bincount(labels[sample], minlength=4)
+    assert list(counts) == [1000, 600, 320, 80]  # each class in its share of the split
+    assert sample.max() > 4000  # not the first 2,000
+    np.testing.assert_array_equal(sample, reference_sample(labels, size=2000, seed=0))
+    assert list(reference_sample(labels[:900], size=2000)) == list(range(900))  # all of a small one
+
+
+def test_the_class_share_test_is_quiet_at_its_alpha_on_windows_like_the_reference():
+    """Windows of 200 and 500 predictions drawn like a 500-image reference's: a two-sample test
+    counts the reference's own noise, so false alarms stay near alpha (0.01)."""
+    from pipeline.monitor import class_share_test
+
+    rng = np.random.default_rng(0)
+    shares = np.array([0.2, 0.15, 0.12, 0.1, 0.1, 0.09, 0.08, 0.07, 0.05, 0.04])
+    alarms = 0
+    for trial in range(400):
+        reference_labels = rng.choice(10, 500, p=shares)
+        counts = np.bincount(reference_labels, minlength=10)
+        reference = Reference(np.zeros((500, len(FEATURES)), np.float32),
+                              np.ones(500, np.float32), (counts / 500).astype(np.float32))  # fmt: skip
+        window = rng.choice(10, 200 if trial % 2 else 500, p=shares)
+        alarms += class_share_test(window, reference)[1] < 0.01
+    assert alarms <= 10, alarms  # 4 expected; 10 of 400 is 2.5%
+    shifted = rng.choice(10, 200, p=np.roll(shares, 3))
+    assert class_share_test(shifted, reference)[1] < 1e-4

@@ -170,3 +170,63 @@ def test_a_source_with_nothing_to_compare_is_one_clear_error(tiny_tracking, tmp_
     with pytest.raises(InputError, match="holds no files"):
         run_monitor(MonitorConfig(source=str(tmp_path / "empty"),
                                   model_uri=tiny_server.model_uri))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_model_with_over_2000_validation_images_is_quiet_on_unshifted_held_out_images(
+    tracking, real_jpeg_archive, tmp_path, capsys
+):
+    """Real CIFAR-10 JPEGs: 3,150 validation images, listed class by class. The reference is a
+    stratified sample of all of them, not the first 2,000 (which hold no image of the third
+    class), so unshifted held-out windows of 200 and 300 images are quiet, a darkened one not."""
+    from pipeline.config import resolve_train_config
+    from pipeline.train import run_train
+    from tests.conftest import write_jpeg_folder
+
+    classes = ("airplane", "automobile", "bird")
+    pool = write_jpeg_folder(tmp_path / "pool", classes, 1500)
+    held_out = {}
+    for name in classes:
+        files = sorted((pool / name).iterdir())
+        held_out[name] = [np.asarray(Image.open(path).convert("RGB")) for path in files[1400:]]
+        for path in files[1400:]:
+            path.unlink()
+    trained = run_train(resolve_train_config(
+        {"model": "cnn", "data_dir": str(pool), "val_fraction": 0.75, "epochs": 3, "width": 8,
+         "experiment_name": tracking, "seed": 0}))  # fmt: skip
+    reference = mlflow.pyfunc.load_model(trained.model_uri).metadata.metadata["drift_reference"]
+    assert reference["validation_images"] == 3150 and reference["held_out_images"] == 2000
+    assert "stratified by class" in reference["sampling"]
+    mixed = np.stack([image for i in range(100) for name in classes
+                      for image in held_out[name][i : i + 1]])  # fmt: skip
+    for size in (200, 300):
+        window = write_pngs(tmp_path / f"same-{size}", mixed[:size])
+        quiet = run_monitor(MonitorConfig(source=str(window), model_uri=trained.model_uri,
+                                          experiment_name=tracking))  # fmt: skip
+        assert not quiet.drift, quiet.p_values
+    darker = write_pngs(tmp_path / "darker", (mixed[:200] * 0.6).astype(np.uint8))
+    shifted = run_monitor(MonitorConfig(source=str(darker), model_uri=trained.model_uri,
+                                        experiment_name=tracking))  # fmt: skip
+    assert shifted.drift
+    assert "drawn the old way" not in capsys.readouterr().err
+
+
+def test_a_reference_drawn_the_old_way_still_loads_and_says_so(tmp_path):
+    """A model logged before the sampling was recorded keeps working; its reference says how it
+    was drawn, which monitor and serve print in one line with the fix."""
+    from pipeline.model.drift import FEATURES, FIRST_IMAGES, OLD_REFERENCE_NOTE, Reference
+
+    rng = np.random.default_rng(0)
+    features = rng.random((50, len(FEATURES)), dtype=np.float32)
+    shares = np.full(10, 0.1, dtype=np.float32)
+    np.savez(tmp_path / "old.npz", features=features, names=np.array(FEATURES),
+             confidence=rng.random(50, dtype=np.float32), class_shares=shares)  # fmt: skip
+    old = Reference.load(tmp_path / "old.npz")
+    assert old.drawn_the_old_way and old.sampling == FIRST_IMAGES and old.class_counts.sum() == 50
+    note = OLD_REFERENCE_NOTE.format(model="models:/m-1", how=old.sampling)
+    assert "retrain it (mlflow run . -e train)" in note and "\n" not in note
+    new = Reference.from_images(rng.integers(0, 255, (60, 32, 32, 3), dtype=np.uint8),
+                                probabilities=rng.dirichlet(np.ones(10), 60))  # fmt: skip
+    new.save(tmp_path / "new.npz")
+    loaded = Reference.load(tmp_path / "new.npz")
+    assert not loaded.drawn_the_old_way and len(loaded.sample) == 60

@@ -98,7 +98,11 @@ def test_train_promote_serve_through_the_team_stack(stack, tmp_path):
         tmp_path,
         "train",
         "--model",
-        "resnet18",
+        "fastnet",
+        "--width",
+        "8",
+        "--width-multiplier",
+        "1",
         "--epochs",
         "1",
         "--max-train-images",
@@ -108,7 +112,8 @@ def test_train_promote_serve_through_the_team_stack(stack, tmp_path):
         *common[:2],
         *common[2:],
     )
-    # A one-epoch ResNet is near chance and the first-champion gate would refuse it: forced.
+    # A one-epoch model of 64 images is near chance and the first-champion gate would refuse
+    # it: forced. A small fastnet is one of promote's architectures and uploads in a blink.
     cli(env, tmp_path, "promote", "--experiment-name", "team", "--force", "true")
 
     objects = [

@@ -28,6 +28,35 @@ MIN_WINDOW = 20  # fewer images than this are not tested
 DEFAULT_ALPHA = 0.01
 REFERENCE_IMAGES = 2000
 REFERENCE_ARTIFACT = "drift_reference"
+# How the reference's images were chosen. Models logged before the sampling was recorded took the
+# first 2,000 validation images for their outputs: on a split longer than that (any full-size data
+# set) those describe whichever classes come first, and the class-share test cries wolf.
+SAMPLED = "a seeded random sample across the validation split, stratified by class"
+TRAINING_ONLY = "a seeded random sample of the training images (the run had no validation split)"
+FIRST_IMAGES = "the first 2,000 validation images (outputs) and random training images (pixels)"
+OLD_REFERENCE_NOTE = (
+    "note: {model}'s drift reference was drawn the old way ({how}), so its class-share and "
+    "confidence tests can call unshifted images drift on a data set of over 2,000 validation "
+    "images; retrain it (mlflow run . -e train) to draw the reference across the whole split."
+)
+
+
+def reference_sample(labels: np.ndarray, size: int = REFERENCE_IMAGES, seed: int = 0) -> np.ndarray:
+    """Sorted indices of `size` images drawn at random across a split, each class in its share of
+    the split (the whole split when it is no larger)."""
+    labels = np.asarray(labels)
+    if len(labels) <= size:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quotas = np.floor(counts * size / len(labels)).astype(int)
+    remainders = counts * size / len(labels) - quotas
+    quotas[np.argsort(-remainders, kind="stable")[: size - quotas.sum()]] += 1
+    chosen = [
+        rng.choice(np.flatnonzero(labels == c), quota, replace=False)
+        for c, quota in zip(classes, quotas, strict=True)
+    ]
+    return np.sort(np.concatenate(chosen))
 
 
 def image_features(images: np.ndarray) -> np.ndarray:
@@ -47,12 +76,15 @@ def image_features(images: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Reference:
-    """What the logged model carries: statistics of a sample of training images and, where the run
-    had a validation split, the network's top-class probability and predicted-class shares there."""
+    """What the logged model carries: statistics of a sample of images and, where the run had a
+    validation split, the network's top-class probability and predicted-class shares on the same
+    images: `sample` are their indices in that split, `sampling` says how they were drawn."""
 
     features: np.ndarray
     confidence: np.ndarray | None = None
     class_shares: np.ndarray | None = None
+    sample: np.ndarray | None = None
+    sampling: str = SAMPLED
 
     @classmethod
     def from_images(
@@ -62,18 +94,30 @@ class Reference:
         seed: int = 0,
         probabilities: np.ndarray | None = None,
     ) -> Reference:
-        """`probabilities`: the network's softmax outputs on held-out images (any number)."""
+        """`probabilities`: the network's softmax outputs on the same `images`, when known."""
         rng = np.random.default_rng(seed)
-        chosen = rng.permutation(len(images))[:max_images]
+        chosen = np.sort(rng.permutation(len(images))[:max_images])
         if probabilities is None or not len(probabilities):
-            return cls(image_features(images[np.sort(chosen)]))
-        probabilities = np.asarray(probabilities, dtype=np.float64)
+            return cls(image_features(images[chosen]), sample=chosen)
+        probabilities = np.asarray(probabilities, dtype=np.float64)[chosen]
         shares = np.bincount(probabilities.argmax(1), minlength=probabilities.shape[1])
         return cls(
-            image_features(images[np.sort(chosen)]),
+            image_features(images[chosen]),
             probabilities.max(1).astype(np.float32),
             (shares / shares.sum()).astype(np.float32),
+            chosen,
         )
+
+    @property
+    def class_counts(self) -> np.ndarray | None:
+        """The predicted classes counted over the reference's images (the class-share test's)."""
+        if self.class_shares is None or self.confidence is None:
+            return None
+        return np.round(self.class_shares.astype(np.float64) * len(self.confidence))
+
+    @property
+    def drawn_the_old_way(self) -> bool:
+        return self.sampling == FIRST_IMAGES
 
     @property
     def statistics(self) -> tuple[str, ...]:
@@ -91,7 +135,10 @@ class Reference:
         outputs = {}
         if self.confidence is not None:
             outputs = {"confidence": self.confidence, "class_shares": self.class_shares}
-        np.savez_compressed(path, features=self.features, names=np.array(FEATURES), **outputs)
+        if self.sample is not None:
+            outputs["sample"] = self.sample
+        np.savez_compressed(path, features=self.features, names=np.array(FEATURES),
+                            sampling=np.array(self.sampling), **outputs)  # fmt: skip
 
     @classmethod
     def load(cls, path: Path) -> Reference:
@@ -101,9 +148,12 @@ class Reference:
                     f"{path} holds statistics {tuple(saved['names'])}, this code computes "
                     f"{FEATURES}; log the model again to refresh its drift reference."
                 )
+            sampling = str(saved["sampling"]) if "sampling" in saved else FIRST_IMAGES
+            sample = saved.get("sample")
             if "confidence" not in saved:  # logged before the confidence test existed
-                return cls(saved["features"])
-            return cls(saved["features"], saved["confidence"], saved["class_shares"])
+                return cls(saved["features"], sample=sample, sampling=sampling)
+            return cls(saved["features"], saved["confidence"], saved["class_shares"], sample,
+                       sampling)  # fmt: skip
 
 
 @dataclass(frozen=True)

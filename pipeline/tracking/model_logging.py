@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -20,7 +21,12 @@ from mlflow.models.model import ModelInfo
 from mlflow.types.schema import AnyType, Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from pipeline.model.classifier import IMAGE_COLUMN, predict_probabilities
-from pipeline.model.drift import REFERENCE_ARTIFACT, REFERENCE_IMAGES, Reference
+from pipeline.model.drift import (
+    REFERENCE_ARTIFACT,
+    TRAINING_ONLY,
+    Reference,
+    reference_sample,
+)
 from pipeline.model.imaging import encode_png
 from pipeline.model.micro_batcher import MICRO_BATCH_DEFAULTS
 
@@ -89,17 +95,22 @@ def log_classifier(
     example_image: np.ndarray,
     train_images: np.ndarray,
     val_images: np.ndarray,
+    val_labels: np.ndarray,
     tta: bool = False,
 ) -> ModelInfo:
     """Log `model` under the artifact name `model` in the active run, with everything to serve it.
     The model carries `pipeline/model/` (and the error base) as its code: no training, tracking or
-    serving code travels with it, and the drift reference the server watches against: statistics
-    of a sample of `train_images`, and the network's outputs on (up to 2,000) `val_images`."""
-    held_out = val_images[:REFERENCE_IMAGES]
-    probabilities = (
-        predict_probabilities(model, held_out, mean, std, tta) if len(held_out) else None
-    )
-    reference = Reference.from_images(train_images, probabilities=probabilities)
+    serving code travels with it, and the drift reference the server watches against: the image
+    statistics of, and the network's outputs on, a seeded sample of (up to 2,000) `val_images`
+    drawn across the split by class (of `train_images` where there is no validation split)."""
+    sample = reference_sample(val_labels)
+    if len(sample):
+        held_out = val_images[sample]
+        probabilities = predict_probabilities(model, held_out, mean, std, tta)
+        reference = Reference.from_images(held_out, len(held_out), probabilities=probabilities)
+        reference = dataclasses.replace(reference, sample=sample)
+    else:
+        reference = dataclasses.replace(Reference.from_images(train_images), sampling=TRAINING_ONLY)
     meta = {
         "architecture": architecture,
         "options": options,
@@ -144,7 +155,9 @@ def log_classifier(
                 "class_names": list(class_names),
                 "drift_reference": {
                     "images": len(reference.features),
-                    "held_out_images": len(held_out),
+                    "held_out_images": len(sample),
+                    "validation_images": len(val_images),
+                    "sampling": reference.sampling,
                     "digest": reference.digest,
                 },
             },

@@ -41,16 +41,11 @@ from pipeline.tracking.runs import (
     source_name,
     stage_run,
 )
-from pipeline.training.budget import BudgetPlan, fit_to_budget
+from pipeline.training.budget import BudgetPlan, Pacer, fit_to_budget
 from pipeline.training.distributed import current_worker, from_leader
-from pipeline.training.loop import (
-    EpochCallback,
-    FitState,
-    WatchdogFinding,
-    autocast_dtype,
-    fit,
-)
+from pipeline.training.loop import EpochCallback, FitState, autocast_dtype, fit
 from pipeline.training.prepare import Prepared, prepare_training
+from pipeline.training.watchdog import WatchdogFinding
 
 
 @dataclass
@@ -221,7 +216,6 @@ class TrainingRun:
 
         return fit(
             prepared.model,
-            self.recipe.model,
             prepared.train_batches,
             prepared.val_batches,
             prepared.config,
@@ -233,6 +227,7 @@ class TrainingRun:
             checkpoint_path=self.scratch / CHECKPOINT_FILE if checkpoints else None,
             resume_from=self.resume_from,
             on_problem=record,
+            pacer=Pacer(self.plan, self.started) if self.plan else None,
         )
 
     def note_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
@@ -273,6 +268,7 @@ class TrainingRun:
                 prepared.splits.val.images[0],
                 prepared.splits.train.images,
                 prepared.splits.val.images,
+                prepared.splits.val.labels,
                 tta=self.resolved.tta,
             )
             model_uri, model_id = info.model_uri, info.model_id

@@ -14,10 +14,9 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from scipy.stats import binomtest
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -27,6 +26,15 @@ from pipeline.errors import PipelineError
 from pipeline.model.architectures import class_probabilities, get_spec, is_frozen, set_frozen
 from pipeline.training import distributed
 from pipeline.training.loader import DeviceBatches, epoch_seed
+from pipeline.training.schedule import (
+    Lookahead,
+    Phase,
+    Schedule,
+    make_optimizer,
+    make_scheduler,
+    training_phases,
+)
+from pipeline.training.watchdog import WatchdogFinding, diverging, loss_window, not_learning
 
 # Called after every epoch with (epoch, metrics, the checkpoint written this epoch or None); it may
 # raise to stop training (Optuna pruning does).
@@ -39,53 +47,6 @@ class NonFiniteLossError(PipelineError):
 
 def select_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@dataclass
-class Phase:
-    """A stretch of epochs with one optimizer and schedule (fine-tuning has two)."""
-
-    start: int
-    end: int
-    lr: float
-
-
-def training_phases(config: TrainConfig, unfreezes: bool) -> list[Phase]:
-    if unfreezes and 0 < config.freeze_epochs < config.epochs:
-        return [
-            Phase(0, config.freeze_epochs, config.lr),
-            Phase(config.freeze_epochs, config.epochs, config.lr * config.finetune_lr_factor),
-        ]
-    return [Phase(0, config.epochs, config.lr)]
-
-
-NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    """SGD (Nesterov) or AdamW. With `bias_lr_factor` the normalization biases learn that many
-    times faster with the same decay per step (airbench's bias scaler: with fixed-scale batch norm
-    they are the thresholds, and they move little at the weights' rate)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups: list[dict[str, Any]] = [{"params": params}]
-    if config.bias_lr_factor != 1:
-        biases = {
-            id(m.bias) for m in model.modules() if isinstance(m, NORM_LAYERS) and m.bias is not None
-        }
-        factor = config.bias_lr_factor
-        groups = [
-            {"params": [p for p in params if id(p) not in biases]},
-            {
-                "params": [p for p in params if id(p) in biases],
-                "lr": lr * factor,
-                "weight_decay": config.weight_decay / factor,
-            },
-        ]
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            groups, lr=lr, momentum=config.momentum, nesterov=True, weight_decay=config.weight_decay
-        )
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=config.weight_decay)
 
 
 # What "auto" means when set (fp32 or bf16): the test suite runs once with fp32, as on a CPU
@@ -118,124 +79,87 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContext
     return torch.autocast(device.type, dtype=dtype)
 
 
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, config: TrainConfig, lr: float, total_steps: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    if config.schedule == "onecycle" and total_steps >= 4:
-        # OneCycleLR divides by its warm-up length in steps, so it needs at least two of them
-        # (one epoch of 81 images at batch 16 is 5 steps: 20% of it is one step). It would also
-        # cycle the momentum between 0.85 and 0.95 over the configured one (and AdamW's beta1):
-        # the momentum a recipe or a search space sets is the one that runs.
-        pct_start = max(config.warmup_fraction, 2 / total_steps)
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer,
-            max_lr=[group["lr"] for group in optimizer.param_groups],
-            total_steps=total_steps,
-            pct_start=pct_start,
-            cycle_momentum=False,
-        )
-    warmup = max(1, int(config.warmup_fraction * total_steps))
+class Pacing(Protocol):
+    """What keeps a run to a time budget (pipeline/training/budget.py:Pacer): it sets the last
+    phase's steps and re-lays its schedule as the clock runs."""
 
-    def factor(step: int) -> float:
-        if config.schedule == "constant" or total_steps < 4:
-            return 1.0
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    def first_total(self, planned_steps: int) -> int: ...
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def after_step(self, schedule: Schedule, steps: int) -> None: ...
+
+    def after_validation(self, seconds: float) -> None: ...
 
 
-class Lookahead:
-    """Lookahead weights as airbench uses them: every `every` steps (and at the last) the running
-    average takes a step towards the weights and the weights are set to it. Its decay grows with
-    the cube of progress to 0.95**every, so early training is untouched and the low-learning-rate
-    end is averaged over many steps. airbench counts it among its speed-ups; on fastnet's CPU recipe
-    it made no measurable difference (benchmarks/RESULTS.md), so no recipe turns it on."""
+@dataclass
+class PhaseTools:
+    """One phase's optimizer, schedule and the model its steps run through."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        every: int,
-        total_steps: int,
-        average: dict[str, torch.Tensor] | None = None,
-    ) -> None:
-        self.every = every
-        self.total_steps = total_steps
-        # The model's own tensors (its state dict shares their storage), parameters and running
-        # statistics alike: training updates them in place.
-        self.weights = {
-            name: value for name, value in model.state_dict().items() if value.is_floating_point()
-        }
-        self.average = {  # a checkpoint's average was loaded onto the CPU
-            name: (average[name] if average else value).to(value.device, copy=True)
-            for name, value in self.weights.items()
-        }
+    phase: Phase
+    last: bool
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    step_model: nn.Module
+    lookahead: Lookahead | None
 
-    @torch.no_grad()
-    def after_step(self, step: int) -> None:
-        """`step`: steps taken in this phase so far (the scheduler's count, restored on resume)."""
-        if step % self.every and step != self.total_steps:
-            return
-        decay = 0.95**self.every * (step / self.total_steps) ** 3
-        for name, weights in self.weights.items():
-            self.average[name].lerp_(weights, 1 - decay)
-            weights.copy_(self.average[name])
+    @property
+    def schedule(self) -> Schedule:
+        return self.scheduler.lr_lambdas[0]
+
+    def ends_with(self, epoch: int) -> bool:
+        """Whether `epoch` is the phase's last (the plan's steps may end inside it)."""
+        return (epoch + 1 - self.phase.start) * self.steps_per_epoch >= self.schedule.total_steps
+
+    def planned_epochs(self) -> int:
+        return self.phase.start + math.ceil(self.schedule.total_steps / self.steps_per_epoch)
 
 
 def train_one_epoch(
-    model: nn.Module,
     batches: DeviceBatches,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    tools: PhaseTools,
     loss_fn: nn.Module,
     epoch: int,
     dtype: torch.dtype | None = None,
-    lookahead: Lookahead | None = None,
-) -> dict[str, float]:
-    """One pass over the shuffled, augmented split; statistics stay on the device until the end."""
-    model.train()
-    device = batches.device
+    pacer: Pacing | None = None,
+) -> tuple[dict[str, float], torch.Tensor, int]:
+    """One pass over the shuffled, augmented split, or the part of it that the plan still holds
+    (a time budget's last epoch); statistics stay on the device until the end. Returns the
+    metrics, each step's loss (the mean over processes, on the CPU) and the images trained on."""
+    tools.step_model.train()
+    device, scheduler, schedule = batches.device, tools.scheduler, tools.schedule
     step_losses = torch.zeros(len(batches), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    progress = tqdm(
-        batches,
-        desc=f"epoch {epoch + 1}",
-        leave=False,
-        position=1,
-        file=sys.stderr,
-        disable=not sys.stderr.isatty(),
-    )
-    for step, (images, labels) in enumerate(progress):
+    steps = images_seen = 0
+    progress = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, position=1, file=sys.stderr,
+                    disable=not sys.stderr.isatty())  # fmt: skip
+    for images, labels in progress:
+        if scheduler.last_epoch >= schedule.total_steps:
+            break
         with autocast(device, dtype):
-            logits = model(images)
+            logits = tools.step_model(images)
             loss = loss_fn(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
+        tools.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        tools.optimizer.step()
+        if pacer is not None:  # before the scheduler sets the next step's rate
+            pacer.after_step(schedule, scheduler.last_epoch + 1)
         scheduler.step()
-        if lookahead is not None:
-            lookahead.after_step(scheduler.last_epoch)
-        step_losses[step] = loss.detach()
+        if tools.lookahead is not None:
+            tools.lookahead.after_step(scheduler.last_epoch)
+        step_losses[steps] = loss.detach()
         correct += (logits.argmax(dim=1) == labels).sum()
+        steps, images_seen = steps + 1, images_seen + len(labels)
+    progress.close()
     # Every process holds the same share of each global batch: the means over processes are the
     # whole batch's, and a NaN on any process stops them all at the same step.
     world = distributed.world_size()
-    step_losses = distributed.summed(step_losses) / world
+    step_losses = (distributed.summed(step_losses[:steps]) / world).cpu()
     correct = distributed.summed(correct)
-    finite = torch.isfinite(step_losses)
-    if not bool(finite.all()):
-        bad_step = int((~finite).nonzero()[0])
-        raise NonFiniteLossError(
-            f"Loss became {float(step_losses[bad_step])} at epoch {epoch + 1}, step {bad_step + 1}. "
-            f"Likely cause: the learning rate ({optimizer.param_groups[0]['lr']:.3g}) is too high "
-            "for this model and batch size, or the input is not normalized; lower lr and rerun."
-        )
-    return {
+    metrics = {
         "train_loss": float(step_losses.mean()),
-        "train_accuracy": float(correct) / (batches.num_images * world),
+        "train_accuracy": float(correct) / max(1, images_seen * world),
     }
+    return metrics, step_losses, images_seen * world
 
 
 @torch.no_grad()
@@ -258,17 +182,6 @@ def evaluate_batches(
     return {"val_loss": float(total_loss) / n, "val_accuracy": float(correct) / n}
 
 
-@dataclass(frozen=True)
-class WatchdogFinding:
-    """What the watchdog found: its kind (a tag value) and what a person reads (cause and fix)."""
-
-    kind: str  # "diverging" or "not learning"
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.kind}: {self.message}"
-
-
 @dataclass
 class FitState:
     """Everything that a checkpoint must hold for a resumed run to end where an unbroken one does."""
@@ -281,6 +194,7 @@ class FitState:
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
     problem: WatchdogFinding | None = None  # what the watchdog found, once
+    start_loss: float | None = None  # the mean loss of the run's first steps (the watchdog's)
 
     @classmethod
     def from_checkpoint(cls, saved: dict[str, Any]) -> FitState:
@@ -292,56 +206,8 @@ class FitState:
         return self.__dict__ | {"problem": self.problem.__dict__ if self.problem else None}
 
 
-# The watchdog: a run whose validation accuracy is still indistinguishable from chance after
-# WATCH_AFTER_EPOCHS epochs, or whose training loss has risen to DIVERGED_FACTOR times its first
-# epoch's, is not going to become useful by spending its remaining epochs.
-WATCH_AFTER_EPOCHS = 3
-DIVERGED_FACTOR = 1.5
-CHANCE_P_VALUE = 0.01
-
-
-def above_chance_p_value(accuracy: float, images: int, classes: int) -> float:
-    """One-sided binomial test of `accuracy` on `images` against guessing among `classes`."""
-    correct = round(accuracy * images)
-    return float(binomtest(correct, images, 1 / classes, alternative="greater").pvalue)
-
-
-def learning_problem(
-    history: list[dict[str, float]], val_images: int, classes: int, lr: float
-) -> WatchdogFinding | None:
-    """What is wrong with a run that learns nothing, its likely cause and the fix; None if nothing."""
-    epoch = len(history)
-    first, last = history[0]["train_loss"], history[-1]["train_loss"]
-    if epoch >= 2 and last > DIVERGED_FACTOR * first:
-        return WatchdogFinding(
-            "diverging",
-            f"the training loss rose from {first:.3f} (epoch 1) to {last:.3f} (epoch "
-            f"{epoch}). Likely cause: the learning rate ({lr:.3g}) is too high for this model and "
-            f"batch size. Fix: lower it, e.g. -P lr={lr / 10:.3g}.",
-        )
-    best = max(m["val_accuracy"] for m in history)
-    if epoch >= WATCH_AFTER_EPOCHS:
-        p_value = above_chance_p_value(best, val_images, classes)
-        if p_value >= CHANCE_P_VALUE:
-            return WatchdogFinding(
-                "not learning",
-                f"after {epoch} epochs the best validation accuracy is {best:.4f}, "
-                f"no better than chance ({1 / classes:.3f} for {classes} classes; p={p_value:.2g} "
-                f"on {val_images} images). Likely causes: a learning rate too high or too low for "
-                f"this data (lr {lr:.3g}), too few epochs, or labels that do not match the images. "
-                f"Fix: try -P lr={lr / 10:.3g} (or a larger one), more -P epochs, or check the "
-                "labels (cifar10 preprocess).",
-            )
-    return None
-
-
 def save_checkpoint(
-    path: Path,
-    state: FitState,
-    model: nn.Module,
-    optimizer,
-    scheduler,
-    lookahead: Lookahead | None = None,
+    path: Path, state: FitState, model: nn.Module, tools: PhaseTools | None = None
 ) -> None:
     """Write then rename, so a crash mid-write never leaves a broken checkpoint behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -350,18 +216,168 @@ def save_checkpoint(
         {
             "fit_state": state.to_checkpoint(),
             "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "lookahead": lookahead.average if lookahead else None,
+            "optimizer": tools.optimizer.state_dict() if tools else None,
+            "scheduler": tools.scheduler.state_dict() if tools else None,
+            "lookahead": tools.lookahead.average if tools and tools.lookahead else None,
         },
         partial,
     )
     os.replace(partial, path)
 
 
+class Fitting:
+    """One call of `fit()`: its fixed parts, and the phases and epochs it runs through."""
+
+    def __init__(self, model: nn.Module, train_batches: DeviceBatches,
+                 val_batches: DeviceBatches, config: TrainConfig, **options: Any) -> None:  # fmt: skip
+        self.model, self.config = model, config
+        self.train_batches, self.val_batches = train_batches, val_batches
+        self.callbacks: Sequence[EpochCallback] = options.get("callbacks", ())
+        self.checkpoint_path: Path | None = options.get("checkpoint_path")
+        self.resume_from: dict[str, Any] | None = options.get("resume_from")
+        self.on_problem: Callable[[WatchdogFinding], None] | None = options.get("on_problem")
+        self.pacer: Pacing | None = options.get("pacer")
+        saved = self.resume_from["fit_state"] if self.resume_from else None
+        self.state = FitState.from_checkpoint(saved) if saved else FitState()
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.dtype = autocast_dtype(train_batches.device, config.precision)
+        self.classes = max(2, int(torch.unique(val_batches.labels).numel()))
+        self.compiled = torch.compile(model) if config.compile else model
+        self.started = self.last_checkpoint = time.perf_counter()
+
+    def run(self) -> FitState:
+        if self.resume_from:
+            self.model.load_state_dict(self.resume_from["model"])
+        unfreezes = get_spec(self.config.model).unfreeze_after_freeze_epochs
+        phases = training_phases(self.config, unfreezes)
+        for index, phase in enumerate(phases):
+            last = index == len(phases) - 1
+            if self.state.stopped_early or (not last and self.state.next_epoch >= phase.end):
+                continue
+            tools = self.start_phase(phase, last)
+            epoch = self.state.next_epoch
+            while not self.state.stopped_early and not (
+                (epoch - phase.start) * tools.steps_per_epoch >= tools.schedule.total_steps
+            ):
+                self.run_epoch(epoch, tools)
+                epoch += 1
+        if self.state.best_weights is not None:
+            self.model.load_state_dict(self.state.best_weights)
+        return self.state
+
+    def start_phase(self, phase: Phase, last: bool) -> PhaseTools:
+        model, config, state = self.model, self.config, self.state
+        set_frozen(model, config.model, is_frozen(config.model, phase.start, config.freeze_epochs))
+        optimizer = make_optimizer(model, config, phase.lr)
+        steps_per_epoch = len(self.train_batches)
+        resuming = self.resume_from is not None and state.next_epoch > phase.start
+        total = (phase.end - phase.start) * steps_per_epoch
+        if last and self.pacer is not None and not resuming:
+            total = self.pacer.first_total(total)
+        scheduler = make_scheduler(optimizer, config, total)
+        average = None
+        if resuming:
+            optimizer.load_state_dict(self.resume_from["optimizer"])
+            scheduler.load_state_dict(self.resume_from["scheduler"])
+            average = self.resume_from.get("lookahead")
+        schedule = scheduler.lr_lambdas[0]
+        lookahead = None
+        if config.lookahead_steps:
+            lookahead = Lookahead(model, config.lookahead_steps, schedule, average)
+        step_model = self.compiled
+        if distributed.world_size() > 1:
+            # Wrapped per phase: which parameters train (freezing) is fixed when DDP wraps them;
+            # every process starts from rank 0's weights and buffers.
+            wrapped = DistributedDataParallel(model)
+            step_model = torch.compile(wrapped) if config.compile else wrapped
+        return PhaseTools(phase, last, steps_per_epoch, optimizer, scheduler, step_model, lookahead)
+
+    def run_epoch(self, epoch: int, tools: PhaseTools) -> None:
+        """Train, watch the steps' losses, validate, then record the epoch."""
+        config, state = self.config, self.state
+        torch.manual_seed(epoch_seed(config.seed, epoch))
+        self.train_batches.set_epoch(epoch)
+        began = time.perf_counter()
+        pacer = self.pacer if tools.last else None
+        metrics, losses, images = train_one_epoch(
+            self.train_batches, tools, self.loss_fn, epoch, self.dtype, pacer
+        )
+        train_seconds = time.perf_counter() - began
+        if state.start_loss is None:
+            state.start_loss = float(losses[: loss_window(tools.steps_per_epoch)].mean())
+        found = diverging(losses, state.start_loss, epoch, config.lr)
+        if found is not None and not math.isfinite(metrics["train_loss"]):
+            self.stop_diverged(found)  # whatever was found before: these weights are lost
+            return
+        found = None if state.problem else found
+        # Every process scores the whole validation split with the same weights: the same
+        # numbers everywhere, so the best epoch and early stopping agree without a message.
+        evaluator = self.model if distributed.world_size() > 1 else tools.step_model
+        validation_began = time.perf_counter()
+        metrics |= evaluate_batches(evaluator, self.val_batches, config.tta, self.dtype)
+        now = time.perf_counter()
+        if pacer is not None:
+            pacer.after_validation(now - validation_began)
+            metrics["planned_epochs"] = tools.planned_epochs()
+        metrics |= {
+            "learning_rate": tools.optimizer.param_groups[0]["lr"],
+            "epoch_seconds": now - began,
+            "images_per_second": images / train_seconds,
+            "elapsed_seconds": now - self.started,
+        }
+        self.record(epoch, metrics, found, tools)
+
+    def stop_diverged(self, found: WatchdogFinding) -> None:
+        """A non-finite loss: the weights are lost, so the run ends on its best epoch, or fails
+        when it has none yet."""
+        if self.state.best_weights is None:
+            raise NonFiniteLossError(f"watchdog: {found}")
+        self.state.problem, self.state.stopped_early = found, True
+        if self.on_problem is not None:
+            self.on_problem(found)
+
+    def record(
+        self,
+        epoch: int,
+        metrics: dict[str, float],
+        found: WatchdogFinding | None,
+        tools: PhaseTools,
+    ) -> None:
+        """The epoch's bookkeeping: best weights, early stopping, the watchdog, the checkpoint
+        and the callbacks."""
+        config, state = self.config, self.state
+        state.history.append(metrics)
+        state.next_epoch = epoch + 1
+        if metrics["val_accuracy"] > state.best_val_accuracy:
+            state.best_val_accuracy, state.best_epoch = metrics["val_accuracy"], epoch
+            state.best_weights = {k: v.clone() for k, v in self.model.state_dict().items()}
+            state.epochs_without_improvement = 0
+        else:
+            state.epochs_without_improvement += 1
+        state.stopped_early = 0 < config.patience <= state.epochs_without_improvement
+        if state.problem is None:
+            found = found or not_learning(
+                state.history, len(self.val_batches.labels), self.classes, config.lr
+            )
+            state.problem = found
+            state.stopped_early |= found is not None and config.stop_if_not_learning
+        else:
+            found = None
+        written, now = None, time.perf_counter()
+        final = state.stopped_early or (tools.last and tools.ends_with(epoch))
+        if self.checkpoint_path is not None and (
+            final or now - self.last_checkpoint >= config.checkpoint_seconds
+        ):
+            save_checkpoint(self.checkpoint_path, state, self.model, tools)
+            written, self.last_checkpoint = self.checkpoint_path, time.perf_counter()
+        for callback in self.callbacks:
+            callback(epoch, metrics, written)
+        if found is not None and self.on_problem is not None:
+            self.on_problem(found)
+
+
 def fit(
     model: nn.Module,
-    architecture: str,
     train_batches: DeviceBatches,
     val_batches: DeviceBatches,
     config: TrainConfig,
@@ -369,94 +385,20 @@ def fit(
     checkpoint_path: Path | None = None,
     resume_from: dict[str, Any] | None = None,
     on_problem: Callable[[WatchdogFinding], None] | None = None,
+    pacer: Pacing | None = None,
 ) -> FitState:
-    """Train `model` for `config.epochs` and keep the best epoch's weights; knows nothing of MLflow.
+    """Train `model` for `config.epochs` (or the steps `pacer` lays out for a time budget) and
+    keep the best epoch's weights; knows nothing of MLflow.
 
     Each epoch's metrics go to `callbacks`. With `checkpoint_path` a checkpoint is written there
     after the last epoch and after any epoch that ends `config.checkpoint_seconds` or more after the
     previous one (0: every epoch); `resume_from` (a loaded checkpoint) continues after it.
-    The watchdog (`learning_problem`) reports once to `on_problem` (which may raise to stop, as
-    tuning's pruning does) and, with `config.stop_if_not_learning`, ends training early.
+    The watchdog (pipeline/training/watchdog.py) reports once to `on_problem` (which may raise to
+    stop, as tuning's pruning does) and, with `config.stop_if_not_learning`, ends training early;
+    a non-finite loss always ends it.
     """
-    state = FitState.from_checkpoint(resume_from["fit_state"]) if resume_from else FitState()
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    phases = training_phases(config, get_spec(architecture).unfreeze_after_freeze_epochs)
-    step_model = torch.compile(model) if config.compile else model
-    if resume_from:
-        model.load_state_dict(resume_from["model"])
-    classes = int(torch.unique(val_batches.labels).numel())
-    dtype = autocast_dtype(train_batches.device, config.precision)
-    started = last_checkpoint = time.perf_counter()
-    for phase in phases:
-        if state.next_epoch >= phase.end or state.stopped_early:
-            continue
-        set_frozen(model, architecture, is_frozen(architecture, phase.start, config.freeze_epochs))
-        optimizer = make_optimizer(model, config, phase.lr)
-        total_steps = (phase.end - phase.start) * len(train_batches)
-        scheduler = make_scheduler(optimizer, config, phase.lr, total_steps)
-        average = None
-        if resume_from and state.next_epoch > phase.start:
-            optimizer.load_state_dict(resume_from["optimizer"])
-            scheduler.load_state_dict(resume_from["scheduler"])
-            average = resume_from.get("lookahead")
-        lookahead = None
-        if config.lookahead_steps:
-            lookahead = Lookahead(model, config.lookahead_steps, total_steps, average)
-        if distributed.world_size() > 1:
-            # Wrapped per phase: which parameters train (freezing) is fixed when DDP wraps them;
-            # every process starts from rank 0's weights and buffers.
-            wrapped = DistributedDataParallel(model)
-            step_model = torch.compile(wrapped) if config.compile else wrapped
-        for epoch in range(state.next_epoch, phase.end):
-            torch.manual_seed(epoch_seed(config.seed, epoch))
-            train_batches.set_epoch(epoch)
-            epoch_started = time.perf_counter()
-            metrics = train_one_epoch(
-                step_model, train_batches, optimizer, scheduler, loss_fn, epoch, dtype, lookahead
-            )
-            train_seconds = time.perf_counter() - epoch_started
-            # Every process scores the whole validation split with the same weights: the same
-            # numbers everywhere, so the best epoch and early stopping agree without a message.
-            evaluator = model if distributed.world_size() > 1 else step_model
-            metrics |= evaluate_batches(evaluator, val_batches, config.tta, dtype)
-            now = time.perf_counter()
-            metrics |= {
-                "learning_rate": optimizer.param_groups[0]["lr"],
-                "epoch_seconds": now - epoch_started,
-                "images_per_second": train_batches.num_images
-                * distributed.world_size()
-                / train_seconds,
-                "elapsed_seconds": now - started,
-            }
-            state.history.append(metrics)
-            state.next_epoch = epoch + 1
-            if metrics["val_accuracy"] > state.best_val_accuracy:
-                state.best_val_accuracy = metrics["val_accuracy"]
-                state.best_epoch = epoch
-                state.best_weights = {k: v.clone() for k, v in model.state_dict().items()}
-                state.epochs_without_improvement = 0
-            else:
-                state.epochs_without_improvement += 1
-            state.stopped_early = 0 < config.patience <= state.epochs_without_improvement
-            found = None
-            if state.problem is None:
-                found = state.problem = learning_problem(
-                    state.history, len(val_batches.labels), max(2, classes), config.lr
-                )
-                state.stopped_early |= found is not None and config.stop_if_not_learning
-            last_epoch = state.stopped_early or state.next_epoch == config.epochs
-            written = None
-            if checkpoint_path is not None and (
-                last_epoch or now - last_checkpoint >= config.checkpoint_seconds
-            ):
-                save_checkpoint(checkpoint_path, state, model, optimizer, scheduler, lookahead)
-                written, last_checkpoint = checkpoint_path, time.perf_counter()
-            for callback in callbacks:
-                callback(epoch, metrics, written)
-            if found is not None and on_problem is not None:
-                on_problem(found)
-            if state.stopped_early:
-                break
-    if state.best_weights is not None:
-        model.load_state_dict(state.best_weights)
-    return state
+    return Fitting(
+        model, train_batches, val_batches, config, callbacks=callbacks,
+        checkpoint_path=checkpoint_path, resume_from=resume_from, on_problem=on_problem,
+        pacer=pacer,
+    ).run()  # fmt: skip

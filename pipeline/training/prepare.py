@@ -66,11 +66,11 @@ def prepare_training(config: TrainConfig, data: ImageSet | None = None) -> Prepa
     if worker is not None and on_cuda and config.sync_batch_norm:
         # SyncBatchNorm runs on CUDA only; on CPUs each process normalizes over its shard.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
-    if on_cuda:
-        model = model.to(memory_format=torch.channels_last)
+    # channels_last on every device: on CPUs too it is never slower and up to 1.5x faster, float32
+    # and bfloat16, AVX2 and AMX kernels alike (benchmarks/RESULTS.md, "channels_last on the CPU").
+    model = model.to(device).to(memory_format=torch.channels_last)
     augmentation = Augmentation(config.crop_padding, config.flip, config.cutout)
-    common = {"mean": splits.mean, "std": splits.std, "device": device, "channels_last": on_cuda}
+    common = {"mean": splits.mean, "std": splits.std, "device": device, "channels_last": True}
     train_batches = DeviceBatches(
         splits.train.images,
         splits.train.labels,

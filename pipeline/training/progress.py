@@ -43,6 +43,8 @@ class EpochProgress:
 
     def __call__(self, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
         done = epoch + 1
+        if "planned_epochs" in metrics:  # a time budget's pacer re-laid the plan
+            self.total = self.bar.total = int(metrics["planned_epochs"])
         per_epoch = metrics["elapsed_seconds"] / max(1, done - self.first)
         self.write(
             f"epoch {done}/{self.total}  train_loss {metrics['train_loss']:.4f}  "
