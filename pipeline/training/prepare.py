@@ -67,7 +67,7 @@ def prepare_training(config: TrainConfig, data: ImageSet | None = None) -> Prepa
         # SyncBatchNorm runs on CUDA only; on CPUs each process normalizes over its shard.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # channels_last on every device: on CPUs too it is never slower and up to 1.5x faster, float32
-    # and bfloat16, AVX2 and AMX kernels alike (benchmarks/RESULTS.md, "channels_last on the CPU").
+    # and bfloat16, AVX2 and AVX-512 kernels alike (benchmarks/RESULTS.md, "channels_last on the CPU").
     model = model.to(device).to(memory_format=torch.channels_last)
     augmentation = Augmentation(config.crop_padding, config.flip, config.cutout)
     common = {"mean": splits.mean, "std": splits.std, "device": device, "channels_last": True}
