@@ -82,9 +82,10 @@ def test_a_machine_that_slows_down_halfway_is_paced_inside_the_budget(tmp_path):
     assert process.returncode == 0, err[-2000:]
     assert time.monotonic() - started > budget_s / 3  # the load came while it trained
     run = budgeted_run(tmp_path, budget_s, err)
-    planned = mlflow.MlflowClient().get_metric_history(run.info.run_id, "planned_epochs")
-    first_plan = int(run.data.tags["time_budget_plan"].split(": ")[1].split(" epoch")[0])
-    assert min(m.value for m in planned) < first_plan, (first_plan, [m.value for m in planned])
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "planned_epochs")
+    plans = [m.value for m in sorted(history, key=lambda m: m.step)]
+    peak = plans.index(max(plans))  # the plan as it stood before the cores were taken
+    assert min(plans[peak:]) < 0.8 * plans[peak], plans  # then cut to what still fit
 
 
 def test_a_budget_below_one_epoch_is_one_line_with_the_smallest_that_fits(tmp_path):
