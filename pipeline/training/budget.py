@@ -147,7 +147,7 @@ class Pacer:
         self.shared = current_worker() is not None
         self.mark_time, self.mark_steps, self.validation_since = time.perf_counter(), 0, 0.0
 
-    def first_total(self, planned_steps: int) -> int:
+    def first_total(self) -> int:
         """The last phase's steps, as they fit now (earlier phases have taken their time)."""
         return self.steps_from(0)
 

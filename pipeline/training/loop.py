@@ -83,7 +83,7 @@ class Pacing(Protocol):
     """What keeps a run to a time budget (pipeline/training/budget.py:Pacer): it sets the last
     phase's steps and re-lays its schedule as the clock runs."""
 
-    def first_total(self, planned_steps: int) -> int: ...
+    def first_total(self) -> int: ...
 
     def after_step(self, schedule: Schedule, steps: int) -> None: ...
 
@@ -273,7 +273,7 @@ class Fitting:
         resuming = self.resume_from is not None and state.next_epoch > phase.start
         total = (phase.end - phase.start) * steps_per_epoch
         if last and self.pacer is not None and not resuming:
-            total = self.pacer.first_total(total)
+            total = self.pacer.first_total()
         scheduler = make_scheduler(optimizer, config, total)
         average = None
         if resuming:
