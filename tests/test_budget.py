@@ -66,26 +66,33 @@ def burn_cores(seconds: float) -> list[subprocess.Popen]:
 
 
 def test_a_machine_that_slows_down_halfway_is_paced_inside_the_budget(tmp_path):
-    """Busy loops take every core from a third of the way on, after the probe planned on a
-    quieter machine: the pacer re-lays the rest of the schedule over the steps that still fit."""
+    """Busy loops take every core once the run has trained a few epochs at the pace its probe
+    planned for: the pacer re-lays the rest of the schedule over the steps that still fit."""
     budget_s = 30
-    started = time.monotonic()
     process = start_train(tmp_path, "--time-budget", f"{budget_s}s")
-    time.sleep(budget_s / 3)
+    seen = []
+    for line in process.stderr:  # a plan logged before the load, whatever start-up took
+        seen.append(line)
+        if line.startswith("epoch 3/"):
+            break
+    loaded_at_ms = time.time() * 1000
     burners = burn_cores(budget_s)
     try:
-        _, err = process.communicate(timeout=300)
+        _, rest = process.communicate(timeout=300)
     finally:
         for burner in burners:
             burner.kill()
             burner.wait()
+    err = "".join(seen) + rest
     assert process.returncode == 0, err[-2000:]
-    assert time.monotonic() - started > budget_s / 3  # the load came while it trained
     run = budgeted_run(tmp_path, budget_s, err)
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "planned_epochs")
-    plans = [m.value for m in sorted(history, key=lambda m: m.step)]
-    peak = plans.index(max(plans))  # the plan as it stood before the cores were taken
-    assert min(plans[peak:]) < 0.8 * plans[peak], plans  # then cut to what still fit
+    looks = sorted(history, key=lambda m: m.step)
+    before = [m.value for m in looks if m.timestamp < loaded_at_ms]
+    assert before and looks[-1].timestamp > loaded_at_ms + budget_s * 1000 / 3, err[-2000:]
+    # How deep the cut goes depends on what else the machine was doing before the busy loops
+    # (CI's other worker), so the test asks for a cut, not its size.
+    assert looks[-1].value < before[-1], [m.value for m in looks]
 
 
 def test_a_budget_below_one_epoch_is_one_line_with_the_smallest_that_fits(tmp_path):

@@ -45,7 +45,7 @@ class BudgetPlan:
     steps_per_epoch: int
     most_steps: int
     step_seconds: float  # one training step, as measured
-    validation_seconds: float  # one validation pass (and checkpoint), as measured
+    validation_seconds: float  # between two epochs' steps: validation, checkpoint, logging
     logging_seconds: float  # what follows the last epoch
     budget_seconds: float
     planned_seconds: float  # the whole run as planned, from its start
@@ -145,7 +145,8 @@ class Pacer:
         self.deadline = started + TARGET * plan.budget_seconds - plan.logging_seconds
         self.every = max(1, plan.steps_per_epoch // LOOKS_PER_EPOCH)
         self.shared = current_worker() is not None
-        self.mark_time, self.mark_steps, self.validation_since = time.perf_counter(), 0, 0.0
+        self.mark_time, self.mark_steps, self.between_since = time.perf_counter(), 0, 0.0
+        self.ended_at: float | None = None
 
     def first_total(self) -> int:
         """The last phase's steps, as they fit now (earlier phases have taken their time)."""
@@ -157,18 +158,28 @@ class Pacer:
             if total != schedule.total_steps:
                 schedule.relay(steps, total)
 
-    def after_validation(self, seconds: float) -> None:
-        self.validation_since += seconds
-        self.plan = dataclasses.replace(self.plan, validation_seconds=seconds)
+    def epoch_ends(self) -> None:
+        self.ended_at = time.perf_counter()
+
+    def epoch_begins(self) -> None:
+        """Everything between two epochs' steps (validation, checkpoint, logging) is timed
+        apart from the steps, so neither pace takes up the other's time."""
+        if self.ended_at is None:
+            return
+        between = time.perf_counter() - self.ended_at
+        self.between_since += between
+        smoothed = PACE_WEIGHT * between + (1 - PACE_WEIGHT) * self.plan.validation_seconds
+        self.plan = dataclasses.replace(self.plan, validation_seconds=smoothed)
+        self.ended_at = None
 
     def steps_from(self, steps: int) -> int:
         """The phase's total steps, from the pace measured since the last look."""
         now = time.perf_counter()
         if steps > self.mark_steps:
-            pace = (now - self.mark_time - self.validation_since) / (steps - self.mark_steps)
+            pace = (now - self.mark_time - self.between_since) / (steps - self.mark_steps)
             smoothed = PACE_WEIGHT * pace + (1 - PACE_WEIGHT) * self.plan.step_seconds
             self.plan = dataclasses.replace(self.plan, step_seconds=smoothed)
-        self.mark_time, self.mark_steps, self.validation_since = now, steps, 0.0
+        self.mark_time, self.mark_steps, self.between_since = now, steps, 0.0
         into = steps % self.plan.steps_per_epoch
         total = min(
             steps + steps_that_fit(self.deadline - now, self.plan, into), self.plan.most_steps

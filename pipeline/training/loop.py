@@ -85,9 +85,11 @@ class Pacing(Protocol):
 
     def first_total(self) -> int: ...
 
+    def epoch_begins(self) -> None: ...
+
     def after_step(self, schedule: Schedule, steps: int) -> None: ...
 
-    def after_validation(self, seconds: float) -> None: ...
+    def epoch_ends(self) -> None: ...
 
 
 @dataclass
@@ -132,6 +134,8 @@ def train_one_epoch(
     steps = images_seen = 0
     progress = tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, position=1, file=sys.stderr,
                     disable=not sys.stderr.isatty())  # fmt: skip
+    if pacer is not None:
+        pacer.epoch_begins()
     for images, labels in progress:
         if scheduler.last_epoch >= schedule.total_steps:
             break
@@ -150,6 +154,8 @@ def train_one_epoch(
         correct += (logits.argmax(dim=1) == labels).sum()
         steps, images_seen = steps + 1, images_seen + len(labels)
     progress.close()
+    if pacer is not None:
+        pacer.epoch_ends()
     # Every process holds the same share of each global batch: the means over processes are the
     # whole batch's, and a NaN on any process stops them all at the same step.
     world = distributed.world_size()
@@ -313,11 +319,9 @@ class Fitting:
         # Every process scores the whole validation split with the same weights: the same
         # numbers everywhere, so the best epoch and early stopping agree without a message.
         evaluator = self.model if distributed.world_size() > 1 else tools.step_model
-        validation_began = time.perf_counter()
         metrics |= evaluate_batches(evaluator, self.val_batches, config.tta, self.dtype)
         now = time.perf_counter()
         if pacer is not None:
-            pacer.after_validation(now - validation_began)
             metrics["planned_epochs"] = tools.planned_epochs()
         metrics |= {
             "learning_rate": tools.optimizer.param_groups[0]["lr"],
