@@ -41,8 +41,8 @@ from pipeline.model.classifier import IMAGE_COLUMN, Observation
 from pipeline.model.drift import DriftWindow, Reference, image_features
 from pipeline.model.imaging import encode_png
 from pipeline.tracking.lineage import PROJECT_ROOT
-from registry.gateway import DriftCollector, ServerMetrics
 from registry.inference_log import InferenceLog, InferenceLogSettings
+from registry.metrics import DriftCollector, ServerMetrics
 from registry.server import TOKEN_ENV, hardened_command, wait_until_serving
 
 SETTINGS = {

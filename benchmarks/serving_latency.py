@@ -115,14 +115,16 @@ def paired_overhead(plain_port: int, hardened_port: int, body: bytes, pairs: int
 def layer_cost_in_process(body: bytes, calls: int = 3000) -> dict:
     """Median time of one request through the layer around an app that answers at once, and
     through that app alone, in one event loop."""
-    from registry.gateway import GatewaySettings, ServerMetrics, build_gateway
+    from registry.gateway import build_gateway
+    from registry.guards import GuardSettings
+    from registry.metrics import ServerMetrics
 
     async def answer_at_once(scope, receive, send) -> None:
         await receive()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b'{"predictions": []}'})
 
-    layered = build_gateway(answer_at_once, GatewaySettings(token=TOKEN), ServerMetrics())
+    layered = build_gateway(answer_at_once, GuardSettings(token=TOKEN), ServerMetrics())
     headers = [
         (b"content-type", b"application/json"),
         (b"authorization", f"Bearer {TOKEN}".encode()),

@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import dataclasses
 import ipaddress
-import json
-import logging
 import os
 import re
 import shutil
@@ -24,12 +22,7 @@ import psutil
 from pipeline.config import ConfigError, ServeConfig
 from pipeline.errors import in_users_form
 from pipeline.model.drift import FIRST_IMAGES, OLD_REFERENCE_NOTE
-
-SETTINGS_ENV = "CIFAR10_SERVE_SETTINGS"
-TOKEN_ENV = "CIFAR10_SERVE_TOKEN"
-# mallopt parameters from glibc's malloc.h
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
+from registry.worker import TOKEN_ENV, WorkerSettings
 
 
 def serve_command(model_uri: str, host: str, port: int | str, workers: int | str = 1) -> list[str]:
@@ -128,7 +121,8 @@ def local_model(model_uri: str) -> str:
 
 
 def run_serve(config: ServeConfig) -> None:
-    """The `serve` entry point: MLflow's scoring app behind registry/gateway.py under uvicorn."""
+    """The `serve` entry point: MLflow's scoring app behind registry/gateway.py under uvicorn,
+    each worker built by registry/worker.py from the settings decided here."""
     import uvicorn
 
     token = read_token(config)
@@ -139,22 +133,21 @@ def run_serve(config: ServeConfig) -> None:
     if config.drift_window and card.get("reference_sampling") == FIRST_IMAGES:
         note = OLD_REFERENCE_NOTE.format(model=config.model_uri, how=FIRST_IMAGES)
         print(in_users_form(note), file=sys.stderr, flush=True)
-    os.environ[SETTINGS_ENV] = json.dumps(
-        {
-            "model_path": model_path,
-            "card": card,
-            "timeout_s": config.timeout_s,
-            "max_body_bytes": int(config.max_body_mb * 2**20),
-            "max_json_depth": config.max_json_depth,
-            "max_inflight": config.max_inflight,
-            "model_config": {
-                "max_batch_images": config.max_batch_images,
-                "batch_wait_ms": config.batch_wait_ms,
-                "drift_window": config.drift_window,
-            },
-            "inference_log": inference_log_settings(config),
-        }
+    worker = WorkerSettings(
+        model_path=model_path,
+        card=card,
+        timeout_s=config.timeout_s,
+        max_body_bytes=int(config.max_body_mb * 2**20),
+        max_json_depth=config.max_json_depth,
+        max_inflight=config.max_inflight,
+        pyfunc_config={
+            "max_batch_images": config.max_batch_images,
+            "batch_wait_ms": config.batch_wait_ms,
+            "drift_window": config.drift_window,
+        },
+        inference_log=inference_log_settings(config),
     )
+    os.environ.update(worker.environment())
     if token:
         os.environ[TOKEN_ENV] = token
     os.environ["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(config.timeout_s)
@@ -167,7 +160,7 @@ def run_serve(config: ServeConfig) -> None:
     print(serving_line(config, card, token), file=sys.stderr, flush=True)
     try:
         uvicorn.run(
-            "registry.server:app_from_environment",
+            "registry.worker:app_from_environment",
             factory=True,
             host=config.host,
             port=config.port,
@@ -221,8 +214,6 @@ def model_card(model_uri: str, model_path: str, name: str = "") -> dict:
     """What the page shows and the v2 routes are named by: the registered name, version and alias
     (where the URI names them), architecture, accuracies, training data and when it was trained,
     and the run's address in the MLflow UI when the tracking server is one."""
-    import mlflow
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
@@ -243,41 +234,47 @@ def model_card(model_uri: str, model_path: str, name: str = "") -> dict:
         card["reference_sampling"] = reference.get("sampling", FIRST_IMAGES)
     if not tracking_store_exists():
         return card  # a container's baked model: no store to ask, the card is what the model holds
-    client = MlflowClient()
-    try:
-        if match := re.fullmatch(r"models:/([^@/]+)@(.+)", model_uri):
-            version = client.get_model_version_by_alias(*match.groups())
-            card["alias"] = match.group(2)
-        elif match := re.fullmatch(r"models:/([^@/]+)/(\d+)", model_uri):
-            version = client.get_model_version(*match.groups())
-        else:
-            version = None
-        if version is not None:
-            card.update(registered_name=version.name, version=str(version.version))
-            card["name"] = name or version.name
-            card["run_id"] = version.run_id or card["run_id"]
-        if card["run_id"]:
-            run = client.get_run(card["run_id"])
-            metrics, tags = run.data.metrics, run.data.tags
-            card.update(
-                val_accuracy=metrics.get("best_val_accuracy"),
-                test_accuracy=metrics.get("test_accuracy"),
-                train_images=metrics.get("train_images"),
-                data=tags.get("data_source"),
-                data_digest=tags.get("lineage.data.train"),
-                trained=time.strftime(
-                    "%Y-%m-%d %H:%M UTC", time.gmtime(run.info.start_time / 1000)
-                ),
-            )
-            tracking = mlflow.get_tracking_uri()
-            if tracking.startswith(("http://", "https://")):
-                card["run_url"] = (
-                    f"{tracking.rstrip('/')}/#/experiments/{run.info.experiment_id}"
-                    f"/runs/{run.info.run_id}"
-                )
-    except MlflowException:
-        pass  # a model outside any registry still serves; its card shows what the model holds
+    # A model outside any registry still serves; its card shows what the model holds.
+    with contextlib.suppress(MlflowException):
+        card_from_tracking(card, model_uri, name)
     return card
+
+
+def card_from_tracking(card: dict, model_uri: str, name: str) -> None:
+    """Fill `card` from the registry (name, version, alias) and the training run (accuracies,
+    data, when it was trained, its address in the MLflow UI)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    if match := re.fullmatch(r"models:/([^@/]+)@(.+)", model_uri):
+        version = client.get_model_version_by_alias(*match.groups())
+        card["alias"] = match.group(2)
+    elif match := re.fullmatch(r"models:/([^@/]+)/(\d+)", model_uri):
+        version = client.get_model_version(*match.groups())
+    else:
+        version = None
+    if version is not None:
+        card.update(registered_name=version.name, version=str(version.version))
+        card["name"] = name or version.name
+        card["run_id"] = version.run_id or card["run_id"]
+    if not card["run_id"]:
+        return
+    run = client.get_run(card["run_id"])
+    metrics, tags = run.data.metrics, run.data.tags
+    card.update(
+        val_accuracy=metrics.get("best_val_accuracy"),
+        test_accuracy=metrics.get("test_accuracy"),
+        train_images=metrics.get("train_images"),
+        data=tags.get("data_source"),
+        data_digest=tags.get("lineage.data.train"),
+        trained=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(run.info.start_time / 1000)),
+    )
+    tracking = mlflow.get_tracking_uri()
+    if tracking.startswith(("http://", "https://")):
+        card["run_url"] = (
+            f"{tracking.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        )
 
 
 def tracking_store_exists() -> bool:
@@ -332,119 +329,6 @@ def threads_per_worker(workers: int) -> int | None:
     if workers == 1 and cores == affinity:
         return None
     return max(1, cores // workers)
-
-
-def keep_freed_memory() -> None:
-    """Let glibc keep freed tensor memory for reuse instead of handing it back to the OS.
-
-    By default each request's activations (256 KB and up) get fresh mmap'd pages, so every request
-    pays hundreds of page faults (measured: ~700 for one image through ResNet-18, 1.5-5 ms on a
-    2-core VM). The effect is process-wide, so only the server's own worker processes ask for it;
-    elsewhere than glibc this does nothing.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
-    libc.mallopt(M_TRIM_THRESHOLD, 2**30)
-
-
-def app_from_environment():
-    """What each uvicorn worker builds: the logged model in MLflow's app, behind the gateway."""
-    from mlflow.pyfunc import load_model, scoring_server
-
-    from registry.gateway import (
-        GatewaySettings,
-        ServedModel,
-        ServerMetrics,
-        build_gateway,
-        observe_model,
-    )
-
-    keep_freed_memory()
-    settings = json.loads(os.environ[SETTINGS_ENV])
-    model = load_model(settings["model_path"], model_config=settings["model_config"])
-    card = settings["card"]
-    metrics = ServerMetrics()
-    observe_model(model, metrics, card["class_names"])
-    classifier = model.unwrap_python_model()
-    if (drift := getattr(classifier, "drift", None)) is not None:
-        metrics.watch_drift(drift)
-    log = None
-    if settings["inference_log"]:
-        log = start_inference_log(classifier, settings["inference_log"], card, metrics)
-    served = ServedModel(
-        model, card["name"], card["version"], card["class_names"], card, settings["timeout_s"]
-    )
-    app = build_gateway(
-        scoring_server.init(model),
-        GatewaySettings(
-            max_body_bytes=settings["max_body_bytes"],
-            max_json_depth=settings["max_json_depth"],
-            max_inflight=settings["max_inflight"],
-            token=os.environ.get(TOKEN_ENV) or None,
-        ),
-        metrics,
-        served,
-    )
-    return with_lifespan(app, settings["max_inflight"], log.close if log else None)
-
-
-def with_lifespan(app, threads: int, close=None):
-    """`app`, with `threads` worker threads for the requests it scores (sized at startup) and
-    `close` called (on a thread) when the server shuts down.
-
-    MLflow's app runs each prediction in the event loop's default executor, which Python sizes at
-    cpu_count + 4 threads: 6 on 2 cores, so at most 6 requests could wait for one micro-batch
-    however many were in flight (measured: batches of 3 images at 64 concurrent clients). Each
-    admitted request (at most `max_inflight`) gets a thread. uvicorn re-raises SIGTERM once it has
-    stopped, so atexit handlers never run, but the lifespan shutdown does."""
-    import asyncio
-    from concurrent.futures import ThreadPoolExecutor
-
-    import anyio
-
-    async def wrapped(scope, receive, send):
-        if scope["type"] != "lifespan":
-            return await app(scope, receive, send)
-
-        async def receive_noting_lifespan():
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                pool = ThreadPoolExecutor(max_workers=threads + 4, thread_name_prefix="request")
-                asyncio.get_running_loop().set_default_executor(pool)
-                anyio.to_thread.current_default_thread_limiter().total_tokens = threads + 4
-            elif message["type"] == "lifespan.shutdown" and close is not None:
-                await anyio.to_thread.run_sync(close)
-            return message
-
-        return await app(scope, receive_noting_lifespan, send)
-
-    return wrapped
-
-
-def start_inference_log(classifier, settings: dict, card: dict, metrics):
-    """The inference log, attached to the loaded classifier (None for a model logged before the
-    classifier had observers)."""
-    from registry.gateway import request_id_of_row
-    from registry.inference_log import InferenceLog, InferenceLogSettings
-
-    if not hasattr(classifier, "observers"):
-        logging.getLogger(__name__).warning(
-            "inference log off: this model was logged before the log existed; train it again "
-            "(mlflow run . -e train) to log its answers."
-        )
-        return None
-    log = InferenceLog(
-        InferenceLogSettings(**settings),
-        card["name"],
-        str(card["version"]),
-        request_id_of_row,
-        metrics.inference_log,
-    )
-    classifier.observers.append(log.observe)
-    return log
 
 
 def wait_until_serving(base_url: str, process: subprocess.Popen, timeout: float = 120) -> None:

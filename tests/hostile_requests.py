@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from registry.gateway import INPUT_KEYS
+from registry.bodies import INPUT_KEYS
 
 LEAK_MARKERS = ("Traceback", "stack_trace", 'File "', "site-packages", "object at 0x")
 

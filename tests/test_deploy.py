@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from registry.gateway import OPEN_ROUTES
+from registry.guards import OPEN_ROUTES
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"

@@ -7,13 +7,11 @@ import logging
 
 import pytest
 
-from registry.gateway import (
-    GatewaySettings,
-    ServerMetrics,
-    build_gateway,
-    clean_message,
-    json_depth,
-)
+from registry.bodies import json_depth
+from registry.gateway import build_gateway
+from registry.guards import GuardSettings
+from registry.metrics import ServerMetrics
+from registry.refusals import clean_message
 
 
 def call(app, path: str = "/invocations", body: bytes = b'{"inputs": ["x"]}', headers=None):
@@ -35,7 +33,7 @@ def call(app, path: str = "/invocations", body: bytes = b'{"inputs": ["x"]}', he
 
 
 def gateway(inner, **settings):
-    return build_gateway(inner, GatewaySettings(**settings), ServerMetrics())
+    return build_gateway(inner, GuardSettings(**settings), ServerMetrics())
 
 
 def answering(status: int, body: bytes):

@@ -19,8 +19,8 @@ from pipeline.data.sources import make_synthetic
 from pipeline.model.classifier import IMAGE_COLUMN, Observation
 from pipeline.model.drift import FEATURES, image_features
 from pipeline.model.imaging import encode_png
-from registry.gateway import ServerMetrics
 from registry.inference_log import InferenceLog, InferenceLogSettings
+from registry.metrics import ServerMetrics
 from tests.conftest import free_port
 
 IMAGES = make_synthetic(64, seed=3).images

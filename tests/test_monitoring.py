@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline.model.drift import DriftWindow, Reference
-from registry.gateway import ServerMetrics
+from registry.metrics import ServerMetrics
 
 MONITORING = Path(__file__).resolve().parents[1] / "deploy" / "monitoring"
 ALERTS = MONITORING / "alerts.yaml"
