@@ -20,7 +20,8 @@ import torch
 from pipeline.config import PRECISIONS, resolve_train_config
 from pipeline.data.sources import make_synthetic
 from pipeline.model.architectures import get_spec, model_names
-from pipeline.training.loop import autocast_dtype, fit
+from pipeline.training.loop import fit
+from pipeline.training.precision import autocast_dtype
 from pipeline.training.prepare import prepare_training
 
 

@@ -45,8 +45,9 @@ from optuna.distributions import distribution_to_json, json_to_distribution
 
 from pipeline.config import TuneConfig
 from pipeline.data.sources import load_training_set
-from pipeline.training.loop import select_device
-from pipeline.tune import make_objective, make_pruner, make_sampler
+from pipeline.tracking.study import make_pruner, make_sampler
+from pipeline.training.precision import select_device
+from pipeline.tune import make_objective
 
 SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-subset"
 GRID = {"lr": [0.0005, 0.002, 0.008], "weight_decay": [0.0001, 0.001, 0.01], "width": [16, 32, 48]}

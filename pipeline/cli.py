@@ -220,7 +220,7 @@ def dispatch(args: argparse.Namespace) -> None:
     check_torch_pair()
     config = make_config(given_options(args))
     if args.stage not in ("serve", "repair_store"):  # serve reads the store; repair_store mends it
-        from pipeline.tracking.runs import prepare_tracking_store
+        from pipeline.tracking.store_repair import prepare_tracking_store
 
         prepare_tracking_store()
     module, function = target.split(":")

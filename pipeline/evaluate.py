@@ -7,6 +7,7 @@ request takes, so the reported accuracy is what users get.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import matplotlib
 
@@ -252,19 +253,8 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
                 f"evaluate-tta · {source_name(config.test_dir or config.data_dir)}",
             )
         log_resolved_params(config_to_params(config))
-        test = (
-            load_held_out_folder(config.test_dir, config.skip_bad_images)
-            if config.test_dir
-            else load_test_set(config.data_dir, config.download, config.skip_bad_images)
-        )
+        test = load_test_images(config, model)
         source_run_id = model.metadata.run_id
-        meta = model.metadata.metadata or {}
-        if "class_names" in meta and tuple(meta["class_names"]) != test.class_names:
-            raise BadDataError(
-                f"{config.model_uri} knows the classes {list(meta['class_names'])}, but "
-                f"{test.source} has {list(test.class_names)}; evaluate on the data the model was "
-                "trained for."
-            )
         mlflow.set_tags(
             {"model_uri": config.model_uri, "source_run_id": source_run_id or "", "tta": config.tta}
         )
@@ -273,63 +263,16 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
         if test.problems:
             log_json(test.problems, "skipped_files.json")
         probabilities = predict_in_chunks(model, test.images, config.batch_size, config.tta)
-        predicted = probabilities.argmax(axis=1)
-        names = test.class_names
-        metrics = classification_metrics(test.labels, probabilities, names)
+        metrics = classification_metrics(test.labels, probabilities, test.class_names)
         mlflow.log_metrics(
             metrics | {"test_images": len(test), "skipped_files": len(test.problems)}
         )
-        table = metrics_table(metrics, names)
-        mlflow.log_text(to_markdown(table), "metrics_table.md")
-        mlflow.log_table(table, "metrics_table.json")
-        mlflow.log_text(table.to_csv(index=False), "metrics_table.csv")
-        counts = confusion_matrix(test.labels, predicted, labels=np.arange(len(names)))
-        normalized = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-        for matrix, tag in ((counts, "counts"), (normalized, "normalized")):
-            frame = pd.DataFrame(matrix, index=names, columns=names)
-            mlflow.log_text(frame.to_csv(), f"confusion_matrix_{tag}.csv")
-            log_figure(
-                plot_confusion(matrix, names, tag == "normalized"), f"confusion_matrix_{tag}.png"
-            )
-        log_figure(
-            plot_reliability(probabilities, test.labels, metrics["test_ece"]),
-            "reliability_diagram.png",
-        )
-        log_figure(plot_confident_mistakes(test, probabilities), "confident_mistakes.png")
-        if config.gradcam_per_class > 0:
-            classifier = model.unwrap_python_model()
-            log_figure(
-                plot_gradcam(classifier, test, predicted, config.gradcam_per_class), "gradcam.png"
-            )
-        predictions = pd.DataFrame(
-            {
-                "index": np.arange(len(test)),
-                "true_label": test.labels,
-                "predicted_label": predicted,
-                "confidence": probabilities.max(axis=1),
-            }
-        )
-        mlflow.log_text(predictions.to_csv(index=False), "predictions.csv")
-        write_back = (
-            write_back_reason(source_run_id, None, test)
-            if config.test_dir
-            else write_back_reason(source_run_id, config.data_dir)
-        )
-        mlflow.set_tags(
-            {"written_back": write_back is None, "written_back_reason": write_back or ""}
-        )
-        if write_back is None:
-            suffix = "_tta" if config.tta else ""
-            mlflow.MlflowClient().log_batch(
-                source_run_id,
-                metrics=[
-                    Metric(f"{k}{suffix}", v, int(run.info.start_time), 0)
-                    for k, v in metrics.items()
-                ],
-            )
+        log_report(test, probabilities, metrics, model, config.gradcam_per_class)
+        write_back = write_back_metrics(config, test, metrics, source_run_id, run)
+        architecture = (model.metadata.metadata or {}).get("architecture", "model")
         describe_run(
             f"test_accuracy {metrics['test_accuracy']:.4f} on {len(test):,} images of "
-            f"{test.name} ({meta.get('architecture', 'model')} {config.model_uri})"
+            f"{test.name} ({architecture} {config.model_uri})"
         )
         print_summary(
             "evaluate",
@@ -344,6 +287,85 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
             f"mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}",
         )
     return EvaluateResult(run.info.run_id, metrics, source_run_id)
+
+
+def load_test_images(config: EvaluateConfig, model: Any) -> ImageSet:
+    """The held-out images, refused when their classes are not the model's."""
+    test = (
+        load_held_out_folder(config.test_dir, config.skip_bad_images)
+        if config.test_dir
+        else load_test_set(config.data_dir, config.download, config.skip_bad_images)
+    )
+    meta = model.metadata.metadata or {}
+    if "class_names" in meta and tuple(meta["class_names"]) != test.class_names:
+        raise BadDataError(
+            f"{config.model_uri} knows the classes {list(meta['class_names'])}, but "
+            f"{test.source} has {list(test.class_names)}; evaluate on the data the model was "
+            "trained for."
+        )
+    return test
+
+
+def log_report(
+    test: ImageSet,
+    probabilities: np.ndarray,
+    metrics: dict[str, float],
+    model: Any,
+    gradcam_per_class: int,
+) -> None:
+    """The run's artifacts: per-class table, confusion matrices, reliability diagram, the most
+    confident mistakes, Grad-CAM maps and every prediction."""
+    names, predicted = test.class_names, probabilities.argmax(axis=1)
+    table = metrics_table(metrics, names)
+    mlflow.log_text(to_markdown(table), "metrics_table.md")
+    mlflow.log_table(table, "metrics_table.json")
+    mlflow.log_text(table.to_csv(index=False), "metrics_table.csv")
+    counts = confusion_matrix(test.labels, predicted, labels=np.arange(len(names)))
+    normalized = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    for matrix, tag in ((counts, "counts"), (normalized, "normalized")):
+        frame = pd.DataFrame(matrix, index=names, columns=names)
+        mlflow.log_text(frame.to_csv(), f"confusion_matrix_{tag}.csv")
+        log_figure(
+            plot_confusion(matrix, names, tag == "normalized"), f"confusion_matrix_{tag}.png"
+        )
+    log_figure(
+        plot_reliability(probabilities, test.labels, metrics["test_ece"]),
+        "reliability_diagram.png",
+    )
+    log_figure(plot_confident_mistakes(test, probabilities), "confident_mistakes.png")
+    if gradcam_per_class > 0:
+        classifier = model.unwrap_python_model()
+        log_figure(plot_gradcam(classifier, test, predicted, gradcam_per_class), "gradcam.png")
+    predictions = pd.DataFrame({"index": np.arange(len(test)), "true_label": test.labels,
+                                "predicted_label": predicted,
+                                "confidence": probabilities.max(axis=1)})  # fmt: skip
+    mlflow.log_text(predictions.to_csv(index=False), "predictions.csv")
+
+
+def write_back_metrics(
+    config: EvaluateConfig,
+    test: ImageSet,
+    metrics: dict[str, float],
+    source_run_id: str | None,
+    run: mlflow.ActiveRun,
+) -> str | None:
+    """Copy the test metrics to the training run when they test what it trained on; the reason
+    they were not otherwise."""
+    write_back = (
+        write_back_reason(source_run_id, None, test)
+        if config.test_dir
+        else write_back_reason(source_run_id, config.data_dir)
+    )
+    mlflow.set_tags({"written_back": write_back is None, "written_back_reason": write_back or ""})
+    if write_back is None:
+        suffix = "_tta" if config.tta else ""
+        mlflow.MlflowClient().log_batch(
+            source_run_id,
+            metrics=[
+                Metric(f"{k}{suffix}", v, int(run.info.start_time), 0) for k, v in metrics.items()
+            ],
+        )
+    return write_back
 
 
 def write_back_reason(

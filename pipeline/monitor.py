@@ -231,16 +231,7 @@ def run_monitor(config: MonitorConfig) -> MonitorResult:
         log_resolved_params(config_to_params(config))
         model = load_logged_model(config.model_uri)
         classifier = model.unwrap_python_model()
-        reference: Reference | None = getattr(classifier, "reference", None)
-        if reference is None or reference.confidence is None:
-            raise ConfigError(
-                f"{config.model_uri} was logged without the drift reference monitor needs; train "
-                "it again (mlflow run . -e train) and monitor the new model."
-            )
-        if reference.drawn_the_old_way:
-            note = OLD_REFERENCE_NOTE.format(model=config.model_uri, how=reference.sampling)
-            print(in_users_form(note), file=sys.stderr, flush=True)
-            mlflow.set_tag("reference_sampling", reference.sampling)
+        reference = reference_of(classifier, config.model_uri)
         class_names = list(classifier.class_names)
         if is_inference_log(config.source):
             window = read_log_window(config.source, config.window)
@@ -255,84 +246,117 @@ def run_monitor(config: MonitorConfig) -> MonitorResult:
         shares, shares_p = class_share_test(window.labels, reference)
         p_values = live.p_values | {CLASS_SHARES: shares_p}
         combined = min(1.0, min(p_values.values()) * len(p_values))
-        drift = combined < config.alpha
-        verdict = "drift" if drift else "no drift"
-        result = DriftResult(live.statistics, p_values, combined, drift)
-        mlflow.log_metrics(
-            {f"ks_{name}": value for name, value in live.statistics.items()}
-            | {f"p_value_{name}": value for name, value in p_values.items()}
-            | {f"share_{name}": float(s) for name, s in zip(class_names, shares, strict=True)}
-            | {
-                f"share_shift_{name}": float(s - r)
-                for name, s, r in zip(class_names, shares, reference.class_shares, strict=True)
-            }
-            | {
-                "combined_p_value": combined,
-                "drift": float(drift),
-                "window_images": len(window.features),
-                "mean_confidence": float(window.confidence.mean()),
-                "reference_mean_confidence": float(reference.confidence.mean()),
-            }
-        )
-        mlflow.set_tags(
-            {
-                "verdict": verdict,
-                "model_uri": config.model_uri,
-                "source": config.source,
-                "source_kind": window.kind,
-                "reference_digest": reference.digest,
-                "logged_by": ", ".join(window.models),
-            }
-        )
-        log_figure(
-            plot_drift(reference, window, result, shares, class_names, verdict, config.alpha),
-            "drift.png",
-        )
-        log_json(
-            {
-                "verdict": verdict,
-                "combined_p_value": combined,
-                "alpha": config.alpha,
-                "images": len(window.features),
-                "statistics": live.statistics,
-                "p_values": p_values,
-                "class_shares": dict(zip(class_names, shares.tolist(), strict=True)),
-                "reference_class_shares": dict(
-                    zip(class_names, reference.class_shares.tolist(), strict=True)
-                ),
-                "models_in_window": window.models,
-            },
-            "drift_report.json",
-        )
-        strongest = min(p_values, key=p_values.get)
+        result = DriftResult(live.statistics, p_values, combined, combined < config.alpha)
+        log_findings(config, reference, window, result, shares, class_names)
         shifted = [n for n, p in p_values.items() if p * len(p_values) < config.alpha]
-        describe_run(
-            f"{verdict} in {len(window.features):,} images of {config.source} against "
-            f"{config.model_uri} (combined p {combined:.2g})"
-        )
-        facts = {
-            "verdict": f"{verdict} (combined p-value {combined:.3g}, alpha {config.alpha:g}) over "
-            f"{len(window.features):,} images from {window.kind}",
-            "strongest signal": f"{strongest}: p {p_values[strongest]:.3g} ({meaning(strongest)})",
-            "confidence": f"mean {window.confidence.mean():.3f} here, "
-            f"{reference.confidence.mean():.3f} on held-out images",
-        }
-        if drift:
-            facts["what changed"] = "; ".join(f"{n} ({meaning(n)})" for n in shifted)
-            next_command = (
-                "add labelled images like these to the training folders and retrain: "
-                "mlflow run . -e main -P data_dir=<folder with them>; the plot is drift.png"
-            )
-        else:
-            next_command = (
-                f"schedule it: mlflow run . -e monitor -P source={config.source} "
-                "-P fail_on_drift=true"
-            )
-        print_summary("monitor", facts, next_command, verdict="found drift" if drift else "passed")
+        print_findings(config, reference, window, result, shifted)
         run_id = mlflow.active_run().info.run_id
-    if drift and config.fail_on_drift:
+    if result.drift and config.fail_on_drift:
         raise DriftFound(
             f"drift in {config.source} (run {run_id}, {', '.join(shifted)}); exiting non-zero as "
             "fail_on_drift asked."
         )
-    return MonitorResult(run_id, drift, p_values)
+    return MonitorResult(run_id, result.drift, p_values)
+
+
+def reference_of(classifier: object, model_uri: str) -> Reference:
+    """The training reference the model was logged with; a note when it was drawn the old way."""
+    reference: Reference | None = getattr(classifier, "reference", None)
+    if reference is None or reference.confidence is None:
+        raise ConfigError(
+            f"{model_uri} was logged without the drift reference monitor needs; train "
+            "it again (mlflow run . -e train) and monitor the new model."
+        )
+    if reference.drawn_the_old_way:
+        note = OLD_REFERENCE_NOTE.format(model=model_uri, how=reference.sampling)
+        print(in_users_form(note), file=sys.stderr, flush=True)
+        mlflow.set_tag("reference_sampling", reference.sampling)
+    return reference
+
+
+def log_findings(
+    config: MonitorConfig,
+    reference: Reference,
+    window: Window,
+    result: DriftResult,
+    shares: np.ndarray,
+    class_names: list[str],
+) -> None:
+    """The run's metrics, tags, plot and report."""
+    verdict = "drift" if result.drift else "no drift"
+    mlflow.log_metrics(
+        {f"ks_{name}": value for name, value in result.statistics.items()}
+        | {f"p_value_{name}": value for name, value in result.p_values.items()}
+        | {f"share_{name}": float(s) for name, s in zip(class_names, shares, strict=True)}
+        | {
+            f"share_shift_{name}": float(s - r)
+            for name, s, r in zip(class_names, shares, reference.class_shares, strict=True)
+        }
+        | {
+            "combined_p_value": result.p_value,
+            "drift": float(result.drift),
+            "window_images": len(window.features),
+            "mean_confidence": float(window.confidence.mean()),
+            "reference_mean_confidence": float(reference.confidence.mean()),
+        }
+    )
+    mlflow.set_tags({"verdict": verdict, "model_uri": config.model_uri, "source": config.source,
+                     "source_kind": window.kind, "reference_digest": reference.digest,
+                     "logged_by": ", ".join(window.models)})  # fmt: skip
+    log_figure(
+        plot_drift(reference, window, result, shares, class_names, verdict, config.alpha),
+        "drift.png",
+    )
+    report = {
+        "verdict": verdict,
+        "combined_p_value": result.p_value,
+        "alpha": config.alpha,
+        "images": len(window.features),
+        "statistics": result.statistics,
+        "p_values": result.p_values,
+        "class_shares": dict(zip(class_names, shares.tolist(), strict=True)),
+        "reference_class_shares": dict(
+            zip(class_names, reference.class_shares.tolist(), strict=True)
+        ),
+        "models_in_window": window.models,
+    }
+    log_json(report, "drift_report.json")
+
+
+def print_findings(
+    config: MonitorConfig,
+    reference: Reference,
+    window: Window,
+    result: DriftResult,
+    shifted: list[str],
+) -> None:
+    """The run's one-line description and the summary a person reads, with the next command."""
+    verdict, p_values, combined = (
+        "drift" if result.drift else "no drift",
+        result.p_values,
+        result.p_value,
+    )
+    strongest = min(p_values, key=p_values.get)
+    describe_run(
+        f"{verdict} in {len(window.features):,} images of {config.source} against "
+        f"{config.model_uri} (combined p {combined:.2g})"
+    )
+    facts = {
+        "verdict": f"{verdict} (combined p-value {combined:.3g}, alpha {config.alpha:g}) over "
+        f"{len(window.features):,} images from {window.kind}",
+        "strongest signal": f"{strongest}: p {p_values[strongest]:.3g} ({meaning(strongest)})",
+        "confidence": f"mean {window.confidence.mean():.3f} here, "
+        f"{reference.confidence.mean():.3f} on held-out images",
+    }
+    if result.drift:
+        facts["what changed"] = "; ".join(f"{n} ({meaning(n)})" for n in shifted)
+        next_command = (
+            "add labelled images like these to the training folders and retrain: "
+            "mlflow run . -e main -P data_dir=<folder with them>; the plot is drift.png"
+        )
+    else:
+        next_command = (
+            f"schedule it: mlflow run . -e monitor -P source={config.source} -P fail_on_drift=true"
+        )
+    verdict_line = "found drift" if result.drift else "passed"
+    print_summary("monitor", facts, next_command, verdict=verdict_line)

@@ -124,42 +124,53 @@ def run_predict(config: PredictConfig) -> PredictResult:
         seconds = time.perf_counter() - loaded
         table = prediction_table(scored, class_names)
         write_table(table, output)
-        errors = int((table["error"] != "").sum())
-        counts = table.loc[table["error"] == "", "class_name"].value_counts()
-        mlflow.set_tags(
-            {
-                "model_uri": config.model_uri,
-                "engine": config.engine,
-                "input": config.input,
-                "output_path": str(output),
-            }
-            | model_version_tags(config.model_uri)
-        )
-        mlflow.log_metrics(
-            {
-                "input_files": len(table),
-                "scored_files": len(table) - errors,
-                "error_files": errors,
-                "images_per_second": len(table) / seconds,
-                "model_load_seconds": loaded - started,
-                "scoring_seconds": seconds,
-            }
-            | {f"count_{name}": int(counts.get(name, 0)) for name in class_names}
-        )
-        if output.stat().st_size <= ARTIFACT_LIMIT_BYTES:
-            mlflow.log_artifact(str(output))
-        print_summary(
-            "predict",
-            {
-                "scored": f"{len(table) - errors:,} of {len(table):,} files"
-                + (f" ({errors:,} not readable images: see the error column)" if errors else ""),
-                "speed": f"{len(table) / seconds:,.0f} images/s on {config.engine} "
-                f"(model loaded in {loaded - started:.1f} s)",
-                "classes": ", ".join(
-                    f"{name} {int(counts.get(name, 0)):,}" for name in class_names
-                ),
-                "output": str(output),
-            },
-            f"python -c \"import pandas as pd; print(pd.read_{output.suffix[1:]}('{output}'))\"",
-        )
+        report_predictions(config, table, output, class_names, loaded - started, seconds)
     return PredictResult(run.info.run_id, output, table)
+
+
+def report_predictions(
+    config: PredictConfig,
+    table: pd.DataFrame,
+    output: Path,
+    class_names: list[str],
+    load_seconds: float,
+    seconds: float,
+) -> None:
+    """The run's tags, counts and speed, the table itself where it is small enough, and the
+    summary a person reads."""
+    errors = int((table["error"] != "").sum())
+    counts = table.loc[table["error"] == "", "class_name"].value_counts()
+    mlflow.set_tags(
+        {
+            "model_uri": config.model_uri,
+            "engine": config.engine,
+            "input": config.input,
+            "output_path": str(output),
+        }
+        | model_version_tags(config.model_uri)
+    )
+    mlflow.log_metrics(
+        {
+            "input_files": len(table),
+            "scored_files": len(table) - errors,
+            "error_files": errors,
+            "images_per_second": len(table) / seconds,
+            "model_load_seconds": load_seconds,
+            "scoring_seconds": seconds,
+        }
+        | {f"count_{name}": int(counts.get(name, 0)) for name in class_names}
+    )
+    if output.stat().st_size <= ARTIFACT_LIMIT_BYTES:
+        mlflow.log_artifact(str(output))
+    print_summary(
+        "predict",
+        {
+            "scored": f"{len(table) - errors:,} of {len(table):,} files"
+            + (f" ({errors:,} not readable images: see the error column)" if errors else ""),
+            "speed": f"{len(table) / seconds:,.0f} images/s on {config.engine} "
+            f"(model loaded in {load_seconds:.1f} s)",
+            "classes": ", ".join(f"{name} {int(counts.get(name, 0)):,}" for name in class_names),
+            "output": str(output),
+        },
+        f"python -c \"import pandas as pd; print(pd.read_{output.suffix[1:]}('{output}'))\"",
+    )

@@ -108,6 +108,28 @@ class PreprocessResult:
     stats: dict
 
 
+def split_metrics(
+    data: ImageSet,
+    test: ImageSet | None,
+    splits: dict[str, ImageSet],
+    counts: dict[str, dict[str, int]],
+    problems: list[dict],
+) -> dict[str, float]:
+    """Images per split and class, duplicates, unusable files and the label range."""
+    metrics = {f"{split}_images": len(s) for split, s in splits.items()}
+    metrics |= {f"{split}_count_{name}": n for split, c in counts.items() for name, n in c.items()}
+    metrics |= duplicate_counts(data.images, test.images if test is not None else None)
+    metrics |= {
+        f"{kind}_files": sum(p["kind"] == kind for p in problems)
+        for kind in ("unreadable", "empty_class", "unknown_class")
+    }
+    return metrics | {
+        "num_classes": len(data.class_names),
+        "label_min": int(data.labels.min()),
+        "label_max": int(data.labels.max()),
+    }
+
+
 def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
     """The `preprocess` entry point. Unusable files are logged first, then fail the run unless
     `skip_bad_images`."""
@@ -121,21 +143,7 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
         train, mean, std = carved.train, carved.mean, carved.std
         splits = {"train": train, "val": carved.val} | ({"test": test} if test is not None else {})
         counts = {split: class_counts(s.labels, names) for split, s in splits.items()}
-        metrics = {f"{split}_images": len(s) for split, s in splits.items()}
-        metrics |= {
-            f"{split}_count_{name}": n for split, c in counts.items() for name, n in c.items()
-        }
-        metrics |= duplicate_counts(data.images, test.images if test is not None else None)
-        metrics |= {
-            f"{kind}_files": sum(p["kind"] == kind for p in problems)
-            for kind in ("unreadable", "empty_class", "unknown_class")
-        }
-        metrics |= {
-            "num_classes": len(names),
-            "label_min": int(data.labels.min()),
-            "label_max": int(data.labels.max()),
-        }
-        mlflow.log_metrics(metrics)
+        mlflow.log_metrics(split_metrics(data, test, splits, counts, problems))
         stats = {
             "mean": list(mean),
             "std": list(std),

@@ -10,24 +10,21 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import mlflow
 
-from pipeline.config import TrainConfig, parse_duration
+from pipeline.config import TrainConfig
 from pipeline.data.sources import has_test_set
 from pipeline.errors import PipelineError
 from pipeline.tracking.launch import JOB_ENV, JOB_TAG, RECIPE_ENV, launch_training
-from pipeline.tracking.resume import has_logged_config, load_resume_checkpoint, resumable_config
+from pipeline.tracking.resume import resumable_config
 from pipeline.tracking.runs import describe_run, print_summary
 from pipeline.tracking.training_run import TrainResult, discard_stray_run, training_run
-from pipeline.training.budget import Pacer, fit_to_budget
-from pipeline.training.distributed import current_worker, from_leader
-from pipeline.training.loop import EpochCallback, FitState, fit
-from pipeline.training.prepare import Prepared, prepare_training
+from pipeline.training.distributed import current_worker
+from pipeline.training.loop import EpochCallback, FitState
+from pipeline.training.prepare import Prepared
 from pipeline.training.progress import EpochProgress, announce_training, format_duration
 from pipeline.training.watchdog import CHANCE_P_VALUE, WatchdogFinding, above_chance_p_value
 
@@ -60,42 +57,17 @@ def run_train(recipe: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> T
     return train_here(recipe, callbacks)
 
 
-def follow(recipe: TrainConfig) -> TrainResult:
-    """A process of a distributed job other than rank 0: the same preparation and `fit()` (its
-    collectives keep it in step), a resumed run's checkpoint read; it logs only its system
-    metrics (`system/rank<N>/...`) to rank 0's run, and prints nothing."""
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    started = time.perf_counter()
-    prepared = prepare_training(recipe)
-    monitor = SystemMetricsMonitor(from_leader(""), node_id=f"rank{os.environ['RANK']}")
-    pacer = None
-    if recipe.time_budget and not recipe.resume_run_id:  # a resumed run keeps its plan
-        budget_s = parse_duration(recipe.time_budget)
-        pacer = Pacer(fit_to_budget(prepared, budget_s, time.perf_counter() - started), started)
-    monitor.start()
-    try:
-        resume_from = None
-        if recipe.resume_run_id and has_logged_config(recipe.resume_run_id):
-            with tempfile.TemporaryDirectory() as scratch:
-                resume_from = load_resume_checkpoint(recipe.resume_run_id, Path(scratch))[0]
-        state = fit(prepared.model, prepared.train_batches, prepared.val_batches,
-                    prepared.config, resume_from=resume_from, pacer=pacer)  # fmt: skip
-    finally:
-        monitor.finish()
-    return TrainResult("", None, state.best_val_accuracy, state.best_epoch + 1, state.next_epoch)
-
-
 def train_here(recipe: TrainConfig, callbacks: Sequence[EpochCallback] = ()) -> TrainResult:
-    """This process's part: the whole run alone, or as rank 0 of a job; a follower otherwise."""
+    """This process's part: the whole run alone, or as one process of a distributed job (rank 0
+    logs and prints, the others follow it silently)."""
     worker = current_worker()
-    if worker is not None and not worker.leads:
-        return follow(recipe)
     with training_run(recipe) as run:
-        if worker is not None:
+        if worker is not None and run.leads:
             mlflow.set_tags({JOB_TAG: os.environ.get(JOB_ENV, ""),
                              "distributed.world_size": worker.world_size})  # fmt: skip
         prepared = run.prepare()
+        if not run.leads:
+            return run.finish(run.fit())
         announce_training(prepared, recipe, run.first_epoch, run.plan and run.plan.description)
         progress = EpochProgress(prepared.config.epochs, run.first_epoch)
         stop = prepared.config.stop_if_not_learning

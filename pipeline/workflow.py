@@ -26,6 +26,7 @@ from pipeline.config import (
     EvaluateConfig,
     PreprocessConfig,
     PromoteConfig,
+    TrainConfig,
     build_config,
     coerce,
     config_to_params,
@@ -204,88 +205,48 @@ def report_step(entry_point: str, what: str) -> None:
     print(in_users_form(f"main: {entry_point}: {what}"), file=sys.stderr, flush=True)
 
 
+class StepData:
+    """What main's steps read, each read once (a failed read is not kept: the preprocess step may
+    download the data)."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config, self.source = config, config.data_dir
+
+    @functools.cached_property
+    def training_set(self) -> ImageSet:
+        return load_training_set(self.source, False, self.config.skip_bad_images)
+
+    @functools.cached_property
+    def test_split(self) -> ImageSet:
+        return load_test_set(self.source, False, self.config.skip_bad_images)
+
+    def preprocess_splits(self) -> dict[str, ImageSet]:
+        carved = make_splits(self.training_set, self.config.val_fraction, self.config.seed)
+        test = {"test": self.test_split} if has_test_set(self.source) else {}
+        return {"train": carved.train, "val": carved.val} | test
+
+    def train_splits(self) -> dict[str, ImageSet]:
+        config = self.config
+        carved = make_splits(
+            self.training_set, config.val_fraction, config.seed, config.max_train_images
+        )
+        return {"train": carved.train, "val": carved.val}
+
+
 def run_main(options: dict[str, Any]) -> dict[str, str]:
     """Run or reuse every step; returns the run id of each step."""
     force = coerce(options.pop("force_rerun", False), bool, "force_rerun")
     experiment_name = options.pop("experiment_name", None)
     options["data_dir"] = canonical_source(options.get("data_dir", "data"))
     config = resolve_train_config(options)
-    source = config.data_dir
-    steps: dict[str, str] = {}
     started = time.perf_counter()
     with stage_run(
-        "main", experiment_name, f"main · {config.model} · {source_name(source)}"
+        "main", experiment_name, f"main · {config.model} · {source_name(config.data_dir)}"
     ) as run:
-        experiment_id = run.info.experiment_id
-        preprocess_params = {k: v for k, v in options.items() if k in PREPROCESS_KEYS}
-        preprocess_config = build_config(PreprocessConfig, preprocess_params)
-
-        # Read once each (a failed read is not kept: the preprocess step may download the data).
-        @functools.cache
-        def training_set() -> ImageSet:
-            return load_training_set(source, False, config.skip_bad_images)
-
-        @functools.cache
-        def test_split() -> ImageSet:
-            return load_test_set(source, False, config.skip_bad_images)
-
-        def preprocess_splits() -> dict[str, ImageSet]:
-            carved = make_splits(training_set(), config.val_fraction, config.seed)
-            test = {"test": test_split()} if has_test_set(source) else {}
-            return {"train": carved.train, "val": carved.val} | test
-
-        def train_splits() -> dict[str, ImageSet]:
-            carved = make_splits(
-                training_set(), config.val_fraction, config.seed, config.max_train_images
-            )
-            return {"train": carved.train, "val": carved.val}
-
-        preprocess, _ = get_or_run(
-            experiment_id,
-            with_identity(
-                "preprocess",
-                preprocess_params,
-                preprocess_config,
-                splits_or_none(preprocess_splits),
-            ),
-            force,
+        steps, train, reused, promote = run_steps(
+            run.info.experiment_id, options, config, StepData(config), force
         )
-        steps["preprocess"] = preprocess.info.run_id
-        train, reused = get_or_run(
-            experiment_id,
-            with_identity("train", options, config, splits_or_none(train_splits)),
-            force,
-        )
-        steps["train"] = train.info.run_id
         model_uri = train.data.tags["model_uri"]
-        if has_test_set(source):
-            evaluate_params = {
-                "model_uri": model_uri,
-                "data_dir": source,
-                "skip_bad_images": config.skip_bad_images,
-            }
-            evaluate, _ = get_or_run(
-                experiment_id,
-                with_identity(
-                    "evaluate",
-                    evaluate_params,
-                    build_config(EvaluateConfig, evaluate_params),
-                    splits_or_none(lambda: {"test": test_split()}),
-                ),
-                force,
-            )
-            steps["evaluate"] = evaluate.info.run_id
-        else:
-            report_step(
-                "evaluate",
-                f"skipped: {source} has no test split. Add the official test_batch (or a "
-                "test/<class>/ folder beside train/) there, or evaluate on other data: mlflow run . "
-                f"-e evaluate --env-manager local -P model_uri={model_uri} -P data_dir=...",
-            )
-        promote_step = with_identity("promote", {}, PromoteConfig(), {})
-        promote_step.inputs = {"train_run_id": train.info.run_id}
-        promote, _ = get_or_run(experiment_id, promote_step, force)
-        steps["promote"] = promote.info.run_id
         mlflow.set_tags({"train_reused": reused, "model_uri": model_uri})
         mlflow.log_text(json.dumps(steps, indent=2), "steps.json")
         decision = promote.data.tags.get("decision", "?")
@@ -302,3 +263,47 @@ def run_main(options: dict[str, Any]) -> dict[str, str]:
             else f"mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}",
         )
     return steps
+
+
+def run_steps(
+    experiment_id: str,
+    options: dict[str, Any],
+    config: TrainConfig,
+    data: StepData,
+    force: bool,
+) -> tuple[dict[str, str], Run, bool, Run]:
+    """preprocess, train, evaluate (where the data has a test split) and promote, each run or
+    reused; the run ids, the train run, whether it was reused, and the promote run."""
+    steps: dict[str, str] = {}
+    preprocess_params = {k: v for k, v in options.items() if k in PREPROCESS_KEYS}
+    preprocess_config = build_config(PreprocessConfig, preprocess_params)
+    preprocess_step = with_identity(
+        "preprocess", preprocess_params, preprocess_config, splits_or_none(data.preprocess_splits)
+    )
+    steps["preprocess"] = get_or_run(experiment_id, preprocess_step, force)[0].info.run_id
+    train_step = with_identity("train", options, config, splits_or_none(data.train_splits))
+    train, reused = get_or_run(experiment_id, train_step, force)
+    steps["train"] = train.info.run_id
+    model_uri = train.data.tags["model_uri"]
+    if has_test_set(data.source):
+        evaluate_params = {"model_uri": model_uri, "data_dir": data.source,
+                           "skip_bad_images": config.skip_bad_images}  # fmt: skip
+        evaluate_step = with_identity(
+            "evaluate",
+            evaluate_params,
+            build_config(EvaluateConfig, evaluate_params),
+            splits_or_none(lambda: {"test": data.test_split}),
+        )
+        steps["evaluate"] = get_or_run(experiment_id, evaluate_step, force)[0].info.run_id
+    else:
+        report_step(
+            "evaluate",
+            f"skipped: {data.source} has no test split. Add the official test_batch (or a "
+            "test/<class>/ folder beside train/) there, or evaluate on other data: mlflow run . "
+            f"-e evaluate --env-manager local -P model_uri={model_uri} -P data_dir=...",
+        )
+    promote_step = with_identity("promote", {}, PromoteConfig(), {})
+    promote_step.inputs = {"train_run_id": train.info.run_id}
+    promote, _ = get_or_run(experiment_id, promote_step, force)
+    steps["promote"] = promote.info.run_id
+    return steps, train, reused, promote

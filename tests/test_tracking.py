@@ -46,7 +46,7 @@ def test_stages_started_together_on_a_fresh_tracking_store_all_finish(tmp_path, 
 def test_tune_workers_opening_a_fresh_optuna_file_together_all_succeed(tmp_path, round_number):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     script = (
-        "import sys, optuna; from pipeline.tune import open_storage; "
+        "import sys, optuna; from pipeline.tracking.study import open_storage; "
         "optuna.create_study(study_name='s', storage=open_storage(sys.argv[1]), "
         "load_if_exists=True)"
     )

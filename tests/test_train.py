@@ -21,7 +21,8 @@ from pipeline.model.architectures import build_model, model_names
 from pipeline.model.imaging import encode_png
 from pipeline.tracking.model_logging import default_tta
 from pipeline.train import run_train
-from pipeline.training.loop import NonFiniteLossError, autocast_dtype, fit, select_device
+from pipeline.training.loop import NonFiniteLossError, fit
+from pipeline.training.precision import autocast_dtype, select_device
 from pipeline.training.prepare import prepare_training
 from pipeline.training.schedule import Lookahead, Schedule, make_optimizer, make_scheduler
 from tests.conftest import write_cifar_dir, write_image_tree, write_jpeg_folder

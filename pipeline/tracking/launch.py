@@ -78,6 +78,31 @@ def check_rendezvous_port(recipe: TrainConfig) -> None:
             ) from None
 
 
+def job_failed(
+    recipe: TrainConfig, job: str, reason: str, started: float
+) -> DistributedTrainingError:
+    """A dead process stopped the job: its run ended FAILED with the reason, and the error that
+    says how to resume it."""
+    run = job_run(job)
+    if run is not None and run.info.status != "FINISHED":
+        client = mlflow.MlflowClient()
+        seen = run.data.tags.get("error", "")  # rank 0's own view, e.g. gloo's lost peer
+        client.set_tag(run.info.run_id, "error", f"{reason}; every process was stopped"
+                       + (f" (rank 0 saw: {seen[:300]})" if seen else ""))  # fmt: skip
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+    resume = (
+        f" Resume with: cifar10 train --resume-run-id {run.info.run_id} --nproc-per-node "
+        f"{recipe.nproc_per_node} (or another number of processes)."
+        if run is not None
+        else " It failed before rank 0 opened its run; run the same command again."
+    )
+    return DistributedTrainingError(
+        f"distributed training stopped: {reason} after {time.time() - started:.0f} s; the "
+        f"other processes were stopped.{resume}"
+    )
+
+
 def launch_training(recipe: TrainConfig):
     """Run `recipe` on nproc_per_node processes here (times nnodes machines); the TrainResult of
     the job's run."""
@@ -120,25 +145,7 @@ def launch_training(recipe: TrainConfig):
         elastic_launch(config, sys.executable)("-m", "pipeline.train")
     except ChildFailedError as failure:
         rank, first = failure.get_first_failure()
-        reason = failure_reason(rank, first.exitcode)
-        run = job_run(job)
-        if run is not None and run.info.status != "FINISHED":
-            client = mlflow.MlflowClient()
-            seen = run.data.tags.get("error", "")  # rank 0's own view, e.g. gloo's lost peer
-            client.set_tag(run.info.run_id, "error", f"{reason}; every process was stopped"
-                           + (f" (rank 0 saw: {seen[:300]})" if seen else ""))  # fmt: skip
-            if run.info.status == "RUNNING":
-                client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
-        resume = (
-            f" Resume with: cifar10 train --resume-run-id {run.info.run_id} --nproc-per-node "
-            f"{recipe.nproc_per_node} (or another number of processes)."
-            if run is not None
-            else " It failed before rank 0 opened its run; run the same command again."
-        )
-        raise DistributedTrainingError(
-            f"distributed training stopped: {reason} after {time.time() - started:.0f} s; the "
-            f"other processes were stopped.{resume}"
-        ) from None
+        raise job_failed(recipe, job, failure_reason(rank, first.exitcode), started) from None
     run = job_run(job)
     if run is None:  # this machine's ranks were all followers
         return TrainResult("", None, float("nan"), 0, 0)

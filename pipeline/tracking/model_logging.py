@@ -85,6 +85,59 @@ def served_code(destination: Path) -> Path:
     return target
 
 
+def served_requirements() -> list[str]:
+    """What the served model imports, pinned to the versions it was logged with."""
+    return [
+        f"mlflow=={mlflow.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"torchvision=={version('torchvision').split('+')[0]}",
+        f"pillow=={PIL.__version__}",
+        f"pandas=={pd.__version__}",
+        f"numpy=={np.__version__}",
+        f"scipy=={version('scipy')}",  # the drift test
+        f"grad-cam=={version('grad-cam')}",  # params={"explain": true}
+    ]
+
+
+def drift_reference(
+    model: torch.nn.Module,
+    mean: Sequence[float],
+    std: Sequence[float],
+    train_images: np.ndarray,
+    val_images: np.ndarray,
+    val_labels: np.ndarray,
+    tta: bool,
+) -> Reference:
+    """The image statistics of, and the network's outputs on, a seeded sample of (up to 2,000)
+    `val_images` drawn across the split by class (of `train_images` where there is no validation
+    split)."""
+    sample = reference_sample(val_labels)
+    if not len(sample):
+        return dataclasses.replace(Reference.from_images(train_images), sampling=TRAINING_ONLY)
+    held_out = val_images[sample]
+    probabilities = predict_probabilities(model, held_out, mean, std, tta)
+    reference = Reference.from_images(held_out, len(held_out), probabilities=probabilities)
+    return dataclasses.replace(reference, sample=sample)
+
+
+def mlmodel_metadata(
+    architecture: str, class_names: Sequence[str], reference: Reference, val_images: int
+) -> dict[str, Any]:
+    """What the MLmodel file says of the model, read without loading it (the server's card)."""
+    held_out = 0 if reference.sampling == TRAINING_ONLY else len(reference.sample)
+    return {
+        "architecture": architecture,
+        "class_names": list(class_names),
+        "drift_reference": {
+            "images": len(reference.features),
+            "held_out_images": held_out,
+            "validation_images": val_images,
+            "sampling": reference.sampling,
+            "digest": reference.digest,
+        },
+    }
+
+
 def log_classifier(
     model: torch.nn.Module,
     architecture: str,
@@ -100,17 +153,9 @@ def log_classifier(
 ) -> ModelInfo:
     """Log `model` under the artifact name `model` in the active run, with everything to serve it.
     The model carries `pipeline/model/` (and the error base) as its code: no training, tracking or
-    serving code travels with it, and the drift reference the server watches against: the image
-    statistics of, and the network's outputs on, a seeded sample of (up to 2,000) `val_images`
-    drawn across the split by class (of `train_images` where there is no validation split)."""
-    sample = reference_sample(val_labels)
-    if len(sample):
-        held_out = val_images[sample]
-        probabilities = predict_probabilities(model, held_out, mean, std, tta)
-        reference = Reference.from_images(held_out, len(held_out), probabilities=probabilities)
-        reference = dataclasses.replace(reference, sample=sample)
-    else:
-        reference = dataclasses.replace(Reference.from_images(train_images), sampling=TRAINING_ONLY)
+    serving code travels with it, and the drift reference the server watches against
+    (`drift_reference`)."""
+    reference = drift_reference(model, mean, std, train_images, val_images, val_labels, tta)
     meta = {
         "architecture": architecture,
         "options": options,
@@ -140,25 +185,6 @@ def log_classifier(
             # Drift watching is off unless a server turns it on (MLflow takes only logged keys).
             model_config={**MICRO_BATCH_DEFAULTS, "drift_window": 0},
             input_example=pd.DataFrame({IMAGE_COLUMN: [encode_png(example_image)]}),
-            pip_requirements=[
-                f"mlflow=={mlflow.__version__}",
-                f"torch=={torch.__version__.split('+')[0]}",
-                f"torchvision=={version('torchvision').split('+')[0]}",
-                f"pillow=={PIL.__version__}",
-                f"pandas=={pd.__version__}",
-                f"numpy=={np.__version__}",
-                f"scipy=={version('scipy')}",  # the drift test
-                f"grad-cam=={version('grad-cam')}",  # params={"explain": true}
-            ],
-            metadata={
-                "architecture": architecture,
-                "class_names": list(class_names),
-                "drift_reference": {
-                    "images": len(reference.features),
-                    "held_out_images": len(sample),
-                    "validation_images": len(val_images),
-                    "sampling": reference.sampling,
-                    "digest": reference.digest,
-                },
-            },
+            pip_requirements=served_requirements(),
+            metadata=mlmodel_metadata(architecture, class_names, reference, len(val_images)),
         )

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -18,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import mlflow
 import psutil
-from filelock import FileLock
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
@@ -41,42 +39,6 @@ if TYPE_CHECKING:
 
 DEFAULT_EXPERIMENT = "cifar10"
 STAGE_TAG = "stage"  # the entry point that made a run (train, tune, tune trial, evaluate, ...)
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of an embedded SQLite URI (`sqlite:///path`), else None."""
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-
-
-@contextmanager
-def first_use_lock(uri: str) -> Iterator[None]:
-    """Serialize the first use of an embedded SQLite store across processes.
-
-    Processes started together on a fresh store all run MLflow's (or Optuna's) schema migrations at
-    once: most die in alembic, and the store can be left half-migrated. A lock file beside the
-    database lets one process create it while the others wait, then find it ready.
-    """
-    path = sqlite_path(uri)
-    if path is None:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{path}.lock", timeout=600):
-        yield
-
-
-def prepare_tracking_store() -> None:
-    """Create or migrate the tracking store now, under `first_use_lock` when it is SQLite, after
-    repairing a SQLite store an earlier first use left half-migrated."""
-    from pipeline.tracking.store_repair import repair_sqlite_store
-
-    uri = mlflow.get_tracking_uri()
-    with first_use_lock(uri):
-        if (path := sqlite_path(uri)) is not None:
-            repair = repair_sqlite_store(path)
-            if repair.leftovers:
-                print(f"tracking store: {repair.summary()}", file=sys.stderr, flush=True)
-        mlflow.MlflowClient(uri).search_experiments(max_results=1)
 
 
 def process_tags() -> dict[str, str]:

@@ -16,9 +16,15 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import mlflow
+from filelock import FileLock
 
 from pipeline.config import RepairStoreConfig
 from pipeline.errors import PipelineError
@@ -97,17 +103,45 @@ def back_up(path: Path) -> Path:
 
 def migrate(uri: str) -> None:
     """MLflow's own first-use step: create or upgrade the schema."""
-    import mlflow
-
     mlflow.MlflowClient(uri).search_experiments(max_results=1)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an embedded SQLite URI (`sqlite:///path`), else None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+@contextmanager
+def first_use_lock(uri: str) -> Iterator[None]:
+    """Serialize the first use of an embedded SQLite store across processes.
+
+    Processes started together on a fresh store all run MLflow's (or Optuna's) schema migrations at
+    once: most die in alembic, and the store can be left half-migrated. A lock file beside the
+    database lets one process create it while the others wait, then find it ready.
+    """
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock", timeout=600):
+        yield
+
+
+def prepare_tracking_store() -> None:
+    """Create or migrate the tracking store now, under `first_use_lock` when it is SQLite, after
+    repairing a SQLite store an earlier first use left half-migrated."""
+    uri = mlflow.get_tracking_uri()
+    with first_use_lock(uri):
+        if (path := sqlite_path(uri)) is not None:
+            repair = repair_sqlite_store(path)
+            if repair.leftovers:
+                print(f"tracking store: {repair.summary()}", file=sys.stderr, flush=True)
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
 
 
 def run_repair_store(config: RepairStoreConfig) -> StoreRepair:
     """The `repair_store` command: check (and repair) the store now, and say what was found."""
-    import mlflow
-
-    from pipeline.tracking.runs import first_use_lock, sqlite_path
-
     uri = config.tracking_uri or mlflow.get_tracking_uri()
     path = sqlite_path(uri)
     if path is None:
@@ -124,7 +158,7 @@ def run_repair_store(config: RepairStoreConfig) -> StoreRepair:
 
 def repair_sqlite_store(path: Path) -> StoreRepair:
     """Find leftover migration tables in the store at `path` and repair it (call it under
-    runs.first_use_lock, so that no other process migrates the file meanwhile)."""
+    `first_use_lock`, so that no other process migrates the file meanwhile)."""
     report = StoreRepair(path)
     if not path.exists():
         return report

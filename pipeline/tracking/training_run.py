@@ -43,7 +43,8 @@ from pipeline.tracking.runs import (
 )
 from pipeline.training.budget import BudgetPlan, Pacer, fit_to_budget
 from pipeline.training.distributed import current_worker, from_leader
-from pipeline.training.loop import EpochCallback, FitState, autocast_dtype, fit
+from pipeline.training.loop import EpochCallback, FitState, fit
+from pipeline.training.precision import autocast_dtype
 from pipeline.training.prepare import Prepared, prepare_training
 from pipeline.training.watchdog import WatchdogFinding
 
@@ -78,10 +79,15 @@ class TrainingRun:
     """A training run from its start (or resume) to its recorded end; see the module docstring."""
 
     def __init__(
-        self, run: mlflow.ActiveRun, recipe: TrainConfig, scratch: Path, named: bool
+        self, run_id: str, recipe: TrainConfig, scratch: Path, named: bool, leads: bool = True
     ) -> None:
-        self.run_id = run.info.run_id
+        self.run_id = run_id
         self.named = named  # the caller chose the run's name; else it is named after its data
+        # False in a process of a distributed job other than rank 0: it prepares, resumes and fits
+        # as rank 0 does (the collectives keep them in step), logs only its system metrics to
+        # rank 0's run, and prints nothing.
+        self.leads = leads
+        self.system_metrics: Any = None
         self.recipe = recipe
         self.resuming = recipe.resume_run_id is not None
         self.scratch = scratch
@@ -110,13 +116,19 @@ class TrainingRun:
         now, as a new run would)."""
         self.prepared = prepare_training(self.recipe, data)
         if current_worker() is not None:
-            from_leader(self.run_id)  # the followers log their system metrics to this run
+            self.run_id = from_leader(self.run_id)  # the run every process logs its metrics to
+        if not self.leads:
+            self.watch_system_metrics()
         if self.recipe.time_budget and not self.resuming:  # a resumed run keeps its plan
             self.plan = fit_to_budget(
                 self.prepared,
                 parse_duration(self.recipe.time_budget),
                 time.perf_counter() - self.started,
             )
+        if not self.leads:
+            if self.resuming and has_logged_config(self.run_id):
+                self.resume_from = load_resume_checkpoint(self.run_id, self.scratch)[0]
+            return self.prepared
         name = mlflow.get_run(self.run_id).data.tags.get("mlflow.runName", self.run_id)
         self.logged_config = self.resuming and has_logged_config(self.run_id)
         if self.logged_config:
@@ -207,7 +219,11 @@ class TrainingRun:
         finding is tagged on the run, then handed to each of `on_finding` (which may raise to
         stop)."""
         prepared = self.prepared
-        self.checkpointed = checkpoints
+        self.checkpointed = checkpoints and self.leads
+        pacer = Pacer(self.plan, self.started) if self.plan else None
+        if not self.leads:
+            return fit(prepared.model, prepared.train_batches, prepared.val_batches,
+                       prepared.config, resume_from=self.resume_from, pacer=pacer)  # fmt: skip
 
         def record(finding: WatchdogFinding) -> None:
             mlflow.set_tags({"watchdog": finding.kind, "watchdog_message": str(finding)[:4000]})
@@ -224,11 +240,20 @@ class TrainingRun:
                 self.note_epoch,
                 *callbacks,
             ],
-            checkpoint_path=self.scratch / CHECKPOINT_FILE if checkpoints else None,
+            checkpoint_path=self.scratch / CHECKPOINT_FILE if self.checkpointed else None,
             resume_from=self.resume_from,
             on_problem=record,
-            pacer=Pacer(self.plan, self.started) if self.plan else None,
+            pacer=pacer,
         )
+
+    def watch_system_metrics(self) -> None:
+        """A follower's CPU, memory and GPU, logged to rank 0's run as `system/rank<N>/...`."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.system_metrics = SystemMetricsMonitor(
+            self.run_id, node_id=f"rank{os.environ.get('RANK', '?')}"
+        )
+        self.system_metrics.start()
 
     def note_epoch(self, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
         self.epochs_done = epoch + 1
@@ -255,6 +280,10 @@ class TrainingRun:
     def finish(self, state: FitState, log_model: bool = True) -> TrainResult:
         """The run's outcome: its summary metrics, the logged model (with `log_model`) and its
         resume checkpoints deleted; an `error` tag from an earlier, interrupted attempt goes."""
+        if not self.leads:
+            return TrainResult(
+                "", None, state.best_val_accuracy, state.best_epoch + 1, state.next_epoch
+            )
         prepared = self.prepared
         model_uri, model_id = None, None
         if log_model:
@@ -313,7 +342,18 @@ def training_run(
     parent_run_id: str | None = None,
 ) -> Iterator[TrainingRun]:
     """Open the run for `recipe` (reopen it where `recipe.resume_run_id` is set: check first with
-    `resumable_config`); a failure inside is tagged and ends it FAILED, as any stage run."""
+    `resumable_config`); a failure inside is tagged and ends it FAILED, as any stage run. In a
+    process of a distributed job other than rank 0 no run is opened: rank 0's is followed."""
+    worker = current_worker()
+    if worker is not None and not worker.leads:
+        with scratch_dir() as scratch:
+            following = TrainingRun("", recipe, scratch, named=False, leads=False)
+            try:
+                yield following
+            finally:
+                if following.system_metrics is not None:
+                    following.system_metrics.finish()
+        return
     with (
         stage_run(
             stage,
@@ -325,7 +365,7 @@ def training_run(
         ) as run,
         scratch_dir() as scratch,
     ):
-        training = TrainingRun(run, recipe, scratch, named=run_name is not None)
+        training = TrainingRun(run.info.run_id, recipe, scratch, named=run_name is not None)
         try:
             yield training
         except KeyboardInterrupt as interrupt:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from pipeline.errors import PipelineError
 from pipeline.training.distributed import current_worker, from_leader
-from pipeline.training.loop import autocast_dtype
+from pipeline.training.precision import autocast_dtype
 from pipeline.training.prepare import Prepared
 from pipeline.training.progress import format_duration, seconds_per_image
 from pipeline.training.schedule import Schedule

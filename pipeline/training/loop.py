@@ -11,7 +11,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +25,7 @@ from pipeline.errors import PipelineError
 from pipeline.model.architectures import class_probabilities, get_spec, is_frozen, set_frozen
 from pipeline.training import distributed
 from pipeline.training.loader import DeviceBatches, epoch_seed
+from pipeline.training.precision import autocast, autocast_dtype
 from pipeline.training.schedule import (
     Lookahead,
     Phase,
@@ -43,40 +43,6 @@ EpochCallback = Callable[[int, dict[str, float], Path | None], None]
 
 class NonFiniteLossError(PipelineError):
     """The loss became NaN or infinite; the message names where and the likely cause."""
-
-
-def select_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# What "auto" means when set (fp32 or bf16): the test suite runs once with fp32, as on a CPU
-# without bfloat16 (AVX2 only), so that both kinds of machine stay covered.
-AUTO_PRECISION_ENV = "CIFAR10_AUTO_PRECISION"
-
-
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """The reduced precision to compute in, None for float32. "auto" takes bfloat16 where the
-    device computes it natively (CUDA; a CPU with AVX512-BF16 or AMX, where fastnet trains ~1.7x
-    faster: benchmarks/RESULTS.md) and float32 elsewhere (emulated bfloat16 is slower)."""
-    if precision == "auto":
-        precision = os.environ.get(AUTO_PRECISION_ENV, "auto")
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    native = (
-        getattr(torch.cpu, name, lambda: False)()
-        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    )
-    return torch.bfloat16 if device.type == "cpu" and any(native) else None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 class Pacing(Protocol):
@@ -234,15 +200,26 @@ def save_checkpoint(
 class Fitting:
     """One call of `fit()`: its fixed parts, and the phases and epochs it runs through."""
 
-    def __init__(self, model: nn.Module, train_batches: DeviceBatches,
-                 val_batches: DeviceBatches, config: TrainConfig, **options: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        train_batches: DeviceBatches,
+        val_batches: DeviceBatches,
+        config: TrainConfig,
+        callbacks: Sequence[EpochCallback],
+        checkpoint_path: Path | None,
+        resume_from: dict[str, Any] | None,
+        on_problem: Callable[[WatchdogFinding], None] | None,
+        pacer: Pacing | None,
+    ) -> None:
         self.model, self.config = model, config
         self.train_batches, self.val_batches = train_batches, val_batches
-        self.callbacks: Sequence[EpochCallback] = options.get("callbacks", ())
-        self.checkpoint_path: Path | None = options.get("checkpoint_path")
-        self.resume_from: dict[str, Any] | None = options.get("resume_from")
-        self.on_problem: Callable[[WatchdogFinding], None] | None = options.get("on_problem")
-        self.pacer: Pacing | None = options.get("pacer")
+        self.callbacks, self.checkpoint_path, self.resume_from = (
+            callbacks,
+            checkpoint_path,
+            resume_from,
+        )
+        self.on_problem, self.pacer = on_problem, pacer
         saved = self.resume_from["fit_state"] if self.resume_from else None
         self.state = FitState.from_checkpoint(saved) if saved else FitState()
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
@@ -401,8 +378,8 @@ def fit(
     stop, as tuning's pruning does) and, with `config.stop_if_not_learning`, ends training early;
     a non-finite loss always ends it.
     """
-    return Fitting(
-        model, train_batches, val_batches, config, callbacks=callbacks,
-        checkpoint_path=checkpoint_path, resume_from=resume_from, on_problem=on_problem,
-        pacer=pacer,
-    ).run()  # fmt: skip
+    fitting = Fitting(
+        model, train_batches, val_batches, config, callbacks, checkpoint_path, resume_from,
+        on_problem, pacer,
+    )  # fmt: skip
+    return fitting.run()

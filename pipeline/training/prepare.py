@@ -13,7 +13,7 @@ from pipeline.data.sources import Splits, load_training_set, make_splits
 from pipeline.model.architectures import build_model, get_spec, normalize
 from pipeline.training.distributed import current_worker, join_group, worker_device
 from pipeline.training.loader import Augmentation, DeviceBatches
-from pipeline.training.loop import select_device
+from pipeline.training.precision import select_device
 from pipeline.training.recipes import scaled_to_data
 
 

@@ -16,7 +16,7 @@ from pipeline.config import TrainConfig
 from pipeline.data.cifar_batches import CLASS_NAMES
 from pipeline.errors import in_users_form
 from pipeline.training.loader import DeviceBatches
-from pipeline.training.loop import autocast, autocast_dtype
+from pipeline.training.precision import autocast, autocast_dtype
 from pipeline.training.prepare import Prepared
 from pipeline.training.recipes import MIN_STEPS_PER_EPOCH
 
