@@ -258,14 +258,16 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
         mlflow.set_tags(
             {"model_uri": config.model_uri, "source_run_id": source_run_id or "", "tta": config.tta}
         )
-        log_dataset(test, context="test")
+        dataset = log_dataset(test, context="test")
         log_lineage({"test": test}, requested)
         if test.problems:
             log_json(test.problems, "skipped_files.json")
         probabilities = predict_in_chunks(model, test.images, config.batch_size, config.tta)
         metrics = classification_metrics(test.labels, probabilities, test.class_names)
-        mlflow.log_metrics(
-            metrics | {"test_images": len(test), "skipped_files": len(test.problems)}
+        mlflow.log_metrics(  # linked to the model and the test set: the model's page shows them
+            metrics | {"test_images": len(test), "skipped_files": len(test.problems)},
+            model_id=getattr(model.metadata, "model_id", None),
+            dataset=dataset,
         )
         log_report(test, probabilities, metrics, model, config.gradcam_per_class)
         write_back = write_back_metrics(config, test, metrics, source_run_id, run)

@@ -108,6 +108,14 @@ def test_evaluate_logs_everything_and_matches_an_independent_reload(trained, tra
     assert evaluated.metrics["test_accuracy"] == pytest.approx(independent, abs=0.002)
     training_run = mlflow.get_run(result.run_id).data.metrics
     assert training_run["test_accuracy"] == evaluated.metrics["test_accuracy"]
+    # The model's page in the UI shows its test figures, each linked to the test set it scored.
+    model_id = mlflow.pyfunc.load_model(result.model_uri).metadata.model_id
+    linked = {(m.key, m.run_id): m for m in mlflow.get_logged_model(model_id).metrics}
+    test_accuracy = linked[("test_accuracy", evaluated.run_id)]
+    assert test_accuracy.value == evaluated.metrics["test_accuracy"]
+    assert (test_accuracy.dataset_name, test_accuracy.dataset_digest) == (test.name, test.digest)
+    contexts = {i.tags[0].value for i in mlflow.get_run(result.run_id).inputs.dataset_inputs}
+    assert contexts == {"training", "validation"}
 
     tta = run_evaluate(EvaluateConfig(**{**config.__dict__, "tta": True, "gradcam_per_class": 0}))
     assert tta.run_id != evaluated.run_id

@@ -255,8 +255,9 @@ def log_figure(figure: Figure, artifact_file: str) -> None:
     plt.close(figure)
 
 
-def log_dataset(data: ImageSet, context: str) -> None:
-    """Record a split as an MLflow dataset input: named after its source, with its content digest."""
+def log_dataset(data: ImageSet, context: str) -> mlflow.data.dataset.Dataset:
+    """Record a split as an MLflow dataset input: named after its source, with its content digest;
+    the dataset, for metrics computed on it."""
     source_uri = None if data.source == SYNTHETIC else data.source
     with warnings.catch_warnings():
         # MLflow registers its local artifact source under two schemes ("" and "file"), so every
@@ -266,6 +267,7 @@ def log_dataset(data: ImageSet, context: str) -> None:
             data.images, targets=data.labels, source=source_uri, name=data.name, digest=data.digest
         )
     mlflow.log_input(dataset, context=context)
+    return dataset
 
 
 def log_lineage(data: dict[str, ImageSet], params: dict[str, Any]) -> None:

@@ -207,6 +207,7 @@ class TrainingRun:
                 }
             )
         log_dataset(splits.train, context="training")
+        log_dataset(splits.val, context="validation")
         log_lineage({"train": splits.train, "val": splits.val}, given)
 
     def fit(
