@@ -20,10 +20,7 @@ import seaborn as sns
 import torch
 from mlflow.entities import Metric
 from sklearn.metrics import (
-    accuracy_score,
     confusion_matrix,
-    log_loss,
-    precision_recall_fscore_support,
 )
 
 from pipeline.config import EvaluateConfig, config_to_params
@@ -38,6 +35,13 @@ from pipeline.errors import PipelineError
 from pipeline.model.architectures import normalize
 from pipeline.model.classifier import predict_in_chunks
 from pipeline.model.explaining import gradcam_maps, overlay
+from pipeline.model.scores import (
+    ECE_BINS,
+    INTERVALS_NOTE,
+    calibration_bins,
+    ci_text,
+    classification_metrics,
+)
 from pipeline.tracking.model_logging import default_tta
 from pipeline.tracking.runs import (
     describe_run,
@@ -54,63 +58,6 @@ from pipeline.tracking.runs import (
     stage_run,
 )
 
-ECE_BINS = 15
-
-
-def calibration_bins(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS):
-    """Per equal-width confidence bin: its share of samples, accuracy and mean confidence
-    (NaN for an empty bin). The one binning behind both the ECE and the reliability diagram."""
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == labels
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    share, accuracy, mean_confidence = np.zeros(bins), np.full(bins, np.nan), np.full(bins, np.nan)
-    for b in range(bins):
-        members = which == b
-        if members.any():
-            share[b] = members.mean()
-            accuracy[b] = correct[members].mean()
-            mean_confidence[b] = confidence[members].mean()
-    return share, accuracy, mean_confidence
-
-
-def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS):
-    """Weighted mean gap between confidence and accuracy over equal-width confidence bins."""
-    share, accuracy, confidence = calibration_bins(probabilities, labels, bins)
-    filled = share > 0
-    return float(np.sum(share[filled] * np.abs(accuracy[filled] - confidence[filled])))
-
-
-def classification_metrics(
-    labels: np.ndarray, probabilities: np.ndarray, class_names: tuple[str, ...]
-) -> dict[str, float]:
-    """The `test_*` metrics: scikit-learn's standard scores plus ECE and per-class P/R/F1."""
-    # Softmax rows computed in float32 sum to 1 only within ~1e-7; scikit-learn's log_loss warns.
-    probabilities = probabilities / probabilities.sum(axis=1, keepdims=True)
-    predicted = probabilities.argmax(axis=1)
-    classes = np.arange(len(class_names))
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        labels, predicted, labels=classes, average="macro", zero_division=0
-    )
-    metrics = {
-        "test_accuracy": accuracy_score(labels, predicted),
-        "test_precision_macro": precision,
-        "test_recall_macro": recall,
-        "test_f1_macro": f1,
-        # By hand: scikit-learn's top_k_accuracy_score refuses two classes given as two columns.
-        "test_top2_accuracy": np.mean(
-            (np.argsort(-probabilities, axis=1)[:, :2] == labels[:, None]).any(axis=1)
-        ),
-        "test_log_loss": log_loss(labels, probabilities, labels=classes),
-        "test_ece": expected_calibration_error(probabilities, labels),
-    }
-    per_class = precision_recall_fscore_support(
-        labels, predicted, labels=classes, average=None, zero_division=0
-    )
-    for name, p, r, f in zip(class_names, *per_class[:3], strict=True):
-        metrics |= {f"test_precision_{name}": p, f"test_recall_{name}": r, f"test_f1_{name}": f}
-    return {k: float(v) for k, v in metrics.items()}
-
 
 def metrics_table(metrics: dict[str, float], class_names: tuple[str, ...]) -> pd.DataFrame:
     """Per-class precision/recall/F1 and the macro row, as the seed report printed them."""
@@ -119,6 +66,7 @@ def metrics_table(metrics: dict[str, float], class_names: tuple[str, ...]) -> pd
             "class": name,
             "precision": metrics[f"test_precision_{name}"],
             "recall": metrics[f"test_recall_{name}"],
+            "recall 95% CI": ci_text(metrics, f"test_recall_{name}"),
             "f1": metrics[f"test_f1_{name}"],
         }
         for name in class_names
@@ -128,7 +76,9 @@ def metrics_table(metrics: dict[str, float], class_names: tuple[str, ...]) -> pd
             "class": "macro avg",
             "precision": metrics["test_precision_macro"],
             "recall": metrics["test_recall_macro"],
+            "recall 95% CI": "",
             "f1": metrics["test_f1_macro"],
+            "f1 95% CI": ci_text(metrics, "test_f1_macro"),
         }
     )
     return pd.DataFrame(rows)
@@ -256,8 +206,9 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
         test = load_test_images(config, model)
         source_run_id = model.metadata.run_id
         mlflow.set_tags(
-            {"model_uri": config.model_uri, "source_run_id": source_run_id or "", "tta": config.tta}
-        )
+            {"model_uri": config.model_uri, "source_run_id": source_run_id or "", "tta": config.tta,
+             "intervals": INTERVALS_NOTE}
+        )  # fmt: skip
         dataset = log_dataset(test, context="test")
         log_lineage({"test": test}, requested)
         if test.problems:
@@ -279,9 +230,10 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
         print_summary(
             "evaluate",
             {
-                "test_accuracy": f"{metrics['test_accuracy']:.4f} on {len(test):,} images of "
-                f"{test.source}",
-                "macro F1 / ECE": f"{metrics['test_f1_macro']:.4f} / {metrics['test_ece']:.4f}",
+                "test_accuracy": f"{metrics['test_accuracy']:.4f} (95% CI "
+                f"{ci_text(metrics, 'test_accuracy')}) on {len(test):,} images of {test.source}",
+                "macro F1 / ECE": f"{metrics['test_f1_macro']:.4f} (95% CI "
+                f"{ci_text(metrics, 'test_f1_macro')}) / {metrics['test_ece']:.4f}",
                 "training run": f"metrics written back to {source_run_id}"
                 if write_back is None
                 else f"not written back: {write_back}",

@@ -1,60 +1,14 @@
-import math
-
 import mlflow
-import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
 from pipeline.config import EvaluateConfig, resolve_train_config
 from pipeline.data.sources import BadDataError, DataUnavailableError, load_test_set
-from pipeline.evaluate import classification_metrics, expected_calibration_error, run_evaluate
+from pipeline.evaluate import run_evaluate
 from pipeline.model.classifier import predict_probabilities
 from pipeline.train import run_train
 from tests.conftest import write_cifar_dir, write_image_tree
 from tests.test_preprocess import artifact_paths
-
-NAMES = ("a", "b", "c")
-LABELS = np.array([0, 0, 1, 1, 2])
-PROBS = np.array(
-    [
-        [0.7, 0.2, 0.1],  # right, conf 0.7
-        [0.2, 0.5, 0.3],  # wrong (b), true class last
-        [0.1, 0.8, 0.1],  # right, conf 0.8
-        [0.1, 0.9, 0.0],  # right, conf 0.9
-        [0.6, 0.1, 0.3],  # wrong (a), true class second
-    ]
-)
-
-
-def test_metrics_match_hand_computed_values():
-    m = classification_metrics(LABELS, PROBS, NAMES)
-    assert m["test_accuracy"] == pytest.approx(3 / 5)
-    # predicted [a, b, b, b, a]: precision a=1/2, b=2/3, c=0; recall a=1/2, b=1, c=0.
-    assert m["test_precision_macro"] == pytest.approx((1 / 2 + 2 / 3 + 0) / 3)
-    assert m["test_recall_macro"] == pytest.approx((1 / 2 + 1 + 0) / 3)
-    f1_b = 2 * (2 / 3) * 1 / (2 / 3 + 1)
-    assert m["test_f1_macro"] == pytest.approx((0.5 + f1_b + 0) / 3)
-    assert m["test_f1_b"] == pytest.approx(f1_b) and m["test_recall_c"] == 0
-    assert m["test_top2_accuracy"] == pytest.approx(4 / 5)
-    expected_loss = -np.mean(np.log([0.7, 0.2, 0.8, 0.9, 0.3]))
-    assert m["test_log_loss"] == pytest.approx(expected_loss)
-    # Bins of width 1/15: 0.5, 0.6, 0.7, 0.8, 0.9 fall in five different bins.
-    gaps = [abs(1 - 0.7), abs(0 - 0.5), abs(1 - 0.8), abs(1 - 0.9), abs(0 - 0.6)]
-    assert m["test_ece"] == pytest.approx(sum(gaps) / 5)
-
-
-def test_metrics_work_for_two_classes():
-    labels = np.array([0, 1, 1, 0])
-    probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
-    metrics = classification_metrics(labels, probabilities, ("cat", "dog"))
-    assert metrics["test_accuracy"] == 0.5 and metrics["test_top2_accuracy"] == 1.0
-    assert {"test_f1_cat", "test_f1_dog"} <= set(metrics)
-
-
-def test_ece_is_zero_for_perfect_calibration():
-    probs = np.array([[1.0, 0.0], [0.0, 1.0]])
-    assert expected_calibration_error(probs, np.array([0, 1])) == 0
-    assert math.isclose(expected_calibration_error(probs, np.array([1, 0])), 1.0)
 
 
 @pytest.fixture
@@ -66,7 +20,7 @@ def trained(tracking, tmp_path):
     return run_train(config), data_dir
 
 
-def test_evaluate_logs_everything_and_matches_an_independent_reload(trained, tracking):
+def test_evaluate_logs_everything_and_matches_an_independent_reload(trained, tracking, capsys):
     result, data_dir = trained
     config = EvaluateConfig(
         model_uri=f"runs:/{result.run_id}/model", data_dir=str(data_dir), experiment_name=tracking
@@ -86,6 +40,12 @@ def test_evaluate_logs_everything_and_matches_an_independent_reload(trained, tra
     ):
         assert f"test_{name}" in run.data.metrics
     assert "test_f1_airplane" in run.data.metrics and run.data.metrics["test_images"] == 300
+    metrics = run.data.metrics  # every proportion with its 95% interval, the method named
+    for name in ("test_accuracy", "test_f1_macro", "test_recall_airplane"):
+        assert metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"]
+    assert "Wilson" in run.data.tags["intervals"] and "bootstrap" in run.data.tags["intervals"]
+    low, high = metrics["test_accuracy_ci_low"], metrics["test_accuracy_ci_high"]
+    assert f"(95% CI {low:.3f}-{high:.3f}) on 300 images" in capsys.readouterr().out
     assert {
         "metrics_table.md",
         "metrics_table.csv",
