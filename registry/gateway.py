@@ -149,8 +149,12 @@ class ModelRoutes:
             *(Route(path + "/ready", self.ready) for path in (v2, version)),
             *(Route(path + "/infer", self.v2_infer, methods=["POST"]) for path in (v2, version)),
             Route(v1, self.ready),
-            Route(v1 + ":predict", self.v1_predict, methods=["POST"]),
-            Route(v1 + ":explain", self.v1_explain, methods=["POST"]),
+            Route(
+                v1 + ":predict", functools.partial(self.v1_infer, explain=False), methods=["POST"]
+            ),
+            Route(
+                v1 + ":explain", functools.partial(self.v1_infer, explain=True), methods=["POST"]
+            ),
         ]
 
     async def page(self, request: Request) -> Response:
@@ -189,18 +193,15 @@ class ModelRoutes:
         media_type = headers.pop("content-type")
         return Response(body, media_type=media_type, headers=headers)
 
-    async def v1_predict(self, request: Request) -> Response:
+    async def v1_infer(self, request: Request, explain: bool) -> Response:
+        """KServe v1 `:predict`, or `:explain` (the same answer with the explanations)."""
         self.check_model(request)
         images, params = protocols.parse_v1(await request.body())
-        result = await self.predict(images, params | {"explain": False}, request)
-        return JSONResponse({"predictions": protocols.v1_predictions(result)})
-
-    async def v1_explain(self, request: Request) -> Response:
-        self.check_model(request)
-        images, params = protocols.parse_v1(await request.body())
-        result = await self.predict(images, params | {"explain": True}, request)
-        return JSONResponse({"predictions": protocols.v1_predictions(result),
-                             "explanations": protocols.v1_explanations(result)})  # fmt: skip
+        result = await self.predict(images, params | {"explain": explain}, request)
+        answer = {"predictions": protocols.v1_predictions(result)}
+        if explain:
+            answer["explanations"] = protocols.v1_explanations(result)
+        return JSONResponse(answer)
 
     def check_model(self, request: Request) -> None:
         served = self.served
